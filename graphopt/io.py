@@ -389,14 +389,67 @@ def _staging_dir(folder: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def save(
+class StagedModel:
+    """A model written into a staging folder beside its destination, not yet published.
+
+    Use :func:`stage_model` as a context manager; call :meth:`commit` to rename the files
+    into place (data files first, the ``.onnx`` last). Leaving the context without a commit
+    deletes everything staged, so a failed run leaves nothing at the destination.
+
+    Attributes:
+        destination: The final ``.onnx`` path.
+        model_path: The staged ``.onnx`` (loadable, e.g. for verification).
+        files: The staged files, data files first.
+    """
+
+    def __init__(self, destination: Path, model_path: Path, files: list[Path]) -> None:
+        self.destination = destination
+        self.model_path = model_path
+        self.files = files
+        self.committed: list[Path] = []
+
+    def commit(self) -> list[Path]:
+        """Renames the staged files into the destination folder; returns the final paths."""
+        folder = self.destination.parent
+        for staged in self.files:
+            final = folder / staged.name
+            os.replace(staged, final)
+            self.committed.append(final)
+        return list(self.committed)
+
+
+def _decide_external(
+    model: ir.Model, dest: Path, external_data: bool | None, size_limit: int
+) -> bool:
+    estimate = _serialized_size_estimate(model)
+    if external_data is None:
+        if estimate >= size_limit:
+            logger.info(
+                "%s: weights (%d bytes) exceed the %d-byte single-file limit; writing "
+                "external data",
+                dest,
+                estimate,
+                size_limit,
+            )
+            return True
+        return False
+    if not external_data and estimate >= size_limit:
+        raise InvalidModelError(
+            f"{dest}: weights ({estimate} bytes) exceed the single-file limit "
+            f"({size_limit}); save with external data"
+        )
+    return external_data
+
+
+@contextlib.contextmanager
+def stage_model(
     model: ir.Model,
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
     size_limit: int = PROTOBUF_LIMIT,
-) -> list[Path]:
-    """Writes a model atomically: staged in the destination folder, then renamed.
+) -> Iterator[StagedModel]:
+    """Writes ``model`` into a staging folder in the destination's filesystem.
 
     Args:
         model: The model to write. It is not changed.
@@ -406,35 +459,19 @@ def save(
             size (over ``size_limit`` goes external, transparently).
         size_limit: The serialized size at which external data becomes necessary.
 
-    Returns:
-        The files written, data file first.
+    Yields:
+        The staged model; nothing is published unless ``commit()`` is called.
 
     Raises:
         InvalidModelError: ``external_data=False`` but the model is over ``size_limit``.
     """
     dest = Path(path)
     folder = dest.parent.resolve()
-    estimate = _serialized_size_estimate(model)
-    if external_data is None:
-        external_data = estimate >= size_limit
-        if external_data:
-            logger.info(
-                "%s: weights (%d bytes) exceed the %d-byte single-file limit; writing "
-                "external data",
-                dest,
-                estimate,
-                size_limit,
-            )
-    elif not external_data and estimate >= size_limit:
-        raise InvalidModelError(
-            f"{dest}: weights ({estimate} bytes) exceed the single-file limit "
-            f"({size_limit}); save with external data"
-        )
+    use_external = _decide_external(model, dest, external_data, size_limit)
     data_name = dest.name + ".data"
-    written: list[Path] = []
     with _staging_dir(folder) as stage:
         staged_model = stage / dest.name
-        if external_data:
+        if use_external:
             ir.save(
                 model,
                 staged_model,
@@ -444,13 +481,26 @@ def save(
         else:
             proto = ir.serde.serialize_model(model)
             staged_model.write_bytes(proto.SerializeToString())
-        staged_data = stage / data_name
-        if staged_data.exists():
-            os.replace(staged_data, folder / data_name)
-            written.append(folder / data_name)
-        os.replace(staged_model, folder / dest.name)
-        written.append(folder / dest.name)
-    return written
+        files = [p for p in (stage / data_name,) if p.exists()] + [staged_model]
+        yield StagedModel(folder / dest.name, staged_model, files)
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    size_limit: int = PROTOBUF_LIMIT,
+) -> list[Path]:
+    """Writes a model atomically (staged in the destination folder, then renamed).
+
+    See :func:`stage_model` for the arguments.
+
+    Returns:
+        The files written, data file first.
+    """
+    with stage_model(model, path, external_data=external_data, size_limit=size_limit) as staged:
+        return staged.commit()
 
 
 def file_digest(path: Path) -> str:

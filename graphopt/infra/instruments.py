@@ -131,36 +131,53 @@ class PrintAfterChangeInstrument(Instrument):
 
 @dataclass
 class CrashReproducerInstrument(Instrument):
-    """On a pass failure, writes the model as it was before that pass and the remaining
-    pipeline text, so ``graphopt optimize repro.onnx --passes "$(cat repro.pipeline)"``
-    reproduces the crash.
+    """On a pass failure, writes the model the pipeline started from and the pipeline text,
+    so ``graphopt optimize repro.onnx -o out.onnx --passes "$(cat repro.pipeline)"``
+    reproduces the crash (passes are deterministic).
+
+    The starting model is serialized once, before the first pass, when it is smaller than
+    ``max_snapshot_bytes``; larger models are referenced by ``source_path`` instead.
 
     Attributes:
         directory: Where the reproducer is written.
+        source_path: The model file the pipeline was loaded from, if any.
+        max_snapshot_bytes: Upper bound for the in-memory snapshot.
         written: The files written, once a failure happened.
     """
 
     directory: Path
+    source_path: Path | None = None
+    max_snapshot_bytes: int = 512 * 2**20
     written: list[Path] = field(default_factory=list)
     _snapshot: bytes | None = None
-    _pipeline: list[str] = field(default_factory=list)
+    _pipeline: str = ""
 
     def before_pipeline(self, model: ir.Model, pipeline_text: str) -> None:
-        self._pipeline = []
-
-    def before_pass(self, pass_: Pass[Any], model: ir.Model, position: int) -> None:
-        # Serializing before every pass costs time; it is only enabled on request.
-        self._snapshot = ir.serde.serialize_model(model).SerializeToString()
+        self._pipeline = pipeline_text
+        size = sum(
+            v.const_value.nbytes
+            for v in model.graph.initializers.values()
+            if v.const_value is not None
+        )
+        self._snapshot = None
+        if size <= self.max_snapshot_bytes:
+            self._snapshot = ir.serde.serialize_model(model).SerializeToString()
 
     def on_failure(
         self, pass_: Pass[Any], model: ir.Model, error: BaseException, position: int
     ) -> None:
-        if self._snapshot is None:
-            return
+        if self.written:
+            return  # nested pass managers report the same failure again
         self.directory.mkdir(parents=True, exist_ok=True)
-        model_path = self.directory / "repro.onnx"
         text_path = self.directory / "repro.pipeline"
-        model_path.write_bytes(self._snapshot)
-        text_path.write_text(pass_.to_text() + "\n")
-        self.written = [model_path, text_path]
-        logger.error("crash reproducer written to %s", self.directory)
+        text_path.write_text(self._pipeline + "\n")
+        self.written.append(text_path)
+        if self._snapshot is not None:
+            model_path = self.directory / "repro.onnx"
+            model_path.write_bytes(self._snapshot)
+            self.written.insert(0, model_path)
+        elif self.source_path is not None:
+            (self.directory / "repro.source").write_text(str(self.source_path) + "\n")
+        logger.error(
+            "pass %s failed; reproducer written to %s", pass_.info.name, self.directory
+        )

@@ -1,0 +1,141 @@
+"""Calibration data sources: ``--calib PATH``.
+
+Two layouts are accepted:
+
+* one ``.npz`` file with one array per graph input whose first axis is the sample axis:
+  sample *i* is ``{name: array[i:i+1]}`` (batch of one, so varying shapes need the folder
+  layout);
+* a folder of ``.npz`` files, each one feed (arrays keyed by graph-input name, any batch
+  size and sequence length), taken in sorted file-name order.
+
+Files are read with ``allow_pickle=False``: object arrays are refused, never unpickled.
+Samples are streamed: only one feed is in memory at a time in the folder layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt.errors import CalibrationError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def _model_inputs(model: onnx.ModelProto | ir.Model) -> dict[str, int]:
+    """Graph inputs that must be fed (initializers excluded) -> ONNX element type."""
+    if isinstance(model, ir.Model):
+        return {
+            v.name: int(v.dtype) if v.dtype is not None else 0
+            for v in model.graph.inputs
+            if v.name not in model.graph.initializers and v.name is not None
+        }
+    inits = {t.name for t in model.graph.initializer}
+    return {
+        i.name: i.type.tensor_type.elem_type
+        for i in model.graph.input
+        if i.name not in inits
+    }
+
+
+def _open_npz(path: Path) -> Mapping[str, np.ndarray]:
+    try:
+        return np.load(path, allow_pickle=False)  # type: ignore[no-any-return]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CalibrationError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _validate_feed(
+    feed: Mapping[str, np.ndarray], inputs: dict[str, int], where: str
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name in feed:
+        if name not in inputs:
+            known = ", ".join(sorted(inputs))
+            raise CalibrationError(f"{where}: array '{name}' is not a graph input ({known})")
+    for name, elem in inputs.items():
+        if name not in feed:
+            raise CalibrationError(f"{where}: no array for graph input '{name}'")
+        try:
+            arr = np.asarray(feed[name])
+        except ValueError as e:
+            raise CalibrationError(f"{where}: input '{name}': {e}") from None
+        if arr.dtype == object:
+            raise CalibrationError(f"{where}: input '{name}' is an object array; refused")
+        want = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else arr.dtype
+        if arr.dtype != want:
+            if np.can_cast(arr.dtype, want, casting="same_kind"):
+                arr = arr.astype(want)
+            else:
+                raise CalibrationError(
+                    f"{where}: input '{name}' has dtype {arr.dtype}, the model expects {want}"
+                )
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(np.size(arr) - np.isfinite(arr).sum())
+            raise CalibrationError(f"{where}: input '{name}' has {bad} NaN/Inf values")
+        out[name] = arr
+    return out
+
+
+class CalibrationDataset:
+    """A re-iterable stream of validated calibration feeds.
+
+    Args:
+        path: A ``.npz`` file or a folder of ``.npz`` files.
+        model: The model whose graph inputs the feeds must match.
+        limit: Use at most this many samples (None: all).
+
+    Raises:
+        UsageError: The path does not exist.
+        CalibrationError: The data is empty.
+    """
+
+    def __init__(self, path: str | Path, model: onnx.ModelProto | ir.Model, limit: int | None = None):
+        self.path = Path(path)
+        self.inputs = _model_inputs(model)
+        self.limit = limit
+        if not self.path.exists():
+            raise UsageError(f"{self.path}: calibration data not found")
+        if self.path.is_dir():
+            self.files = sorted(self.path.glob("*.npz"))
+            if not self.files:
+                raise CalibrationError(f"{self.path}: folder holds no .npz files (zero samples)")
+        else:
+            self.files = [self.path]
+            arrays = _open_npz(self.path)
+            counts = {k: int(np.asarray(arrays[k]).shape[0]) if np.ndim(arrays[k]) else 0
+                      for k in arrays.keys()}
+            if not counts or min(counts.values()) == 0:
+                raise CalibrationError(f"{self.path}: zero samples")
+            if len(set(counts.values())) > 1:
+                raise CalibrationError(
+                    f"{self.path}: arrays disagree on the number of samples: {counts}"
+                )
+
+    def __call__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        count = 0
+        if self.path.is_dir():
+            for f in self.files:
+                if self.limit is not None and count >= self.limit:
+                    return
+                yield _validate_feed(_open_npz(f), self.inputs, str(f))
+                count += 1
+            return
+        arrays = _open_npz(self.path)
+        data = {k: np.asarray(arrays[k]) for k in arrays.keys()}
+        n = min(v.shape[0] for v in data.values())
+        for i in range(n):
+            if self.limit is not None and count >= self.limit:
+                return
+            sample = {k: v[i : i + 1] for k, v in data.items()}
+            yield _validate_feed(sample, self.inputs, f"{self.path} sample {i}")
+            count += 1

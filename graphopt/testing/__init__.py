@@ -1,0 +1,1 @@
+"""Public test helpers: model builders and numeric/structural assertions."""
