@@ -15,12 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from graphopt import io
 from graphopt.calibration_data import CalibrationDataset
-from graphopt.errors import ResourceLimitError, UsageError, VerificationError
+from graphopt.errors import (
+    InvalidModelError,
+    ResourceLimitError,
+    UsageError,
+    VerificationError,
+)
 from graphopt.infra.context import PassContext
 from graphopt.infra.instruments import (
     CrashReproducerInstrument,
@@ -32,7 +36,7 @@ from graphopt.infra.instruments import (
 from graphopt.infra.manager import PassManager
 from graphopt.infra.pass_base import Pass
 from graphopt.infra.registry import PassRegistry, default_registry
-from graphopt.report import Report
+from graphopt.report import Report, count_parameters
 from graphopt.verify.compare import Tolerance, tolerance_for
 from graphopt.verify.inputs import load_feeds, make_feeds
 from graphopt.verify.latency import measure_latency
@@ -41,6 +45,7 @@ from graphopt.verify.verify import verify_model
 logger = logging.getLogger(__name__)
 
 from graphopt import __version__
+
 TARGETS = ("ort", "tensorrt", "ext")
 
 
@@ -69,6 +74,8 @@ class OptimizeConfig:
         max_memory: Upper bound on the process's data segment in bytes (exit 6 beyond).
         threads: ORT intra-op threads for verification and latency.
         size_limit: Single-file size limit; larger models get external data.
+        latency_budget_s: About how long the latency measurement may take.
+        extra_instruments: More instruments to attach to the pipeline.
     """
 
     passes: str = "default"
@@ -91,6 +98,7 @@ class OptimizeConfig:
     max_memory: int | None = None
     threads: int = 2
     size_limit: int = io.PROTOBUF_LIMIT
+    latency_budget_s: float = 10.0
     extra_instruments: Sequence[Instrument] = ()
 
 
@@ -112,22 +120,21 @@ def pipeline_tolerance(pm: PassManager, override: str | None = None) -> Toleranc
     return tolerance_for(names)
 
 
-def count_parameters(model: ir.Model) -> int:
-    """Elements in every initializer, subgraphs included."""
-    total = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                total += int(np.prod(value.const_value.shape.numpy(), dtype=np.int64))
-    return total
-
-
 def _set_memory_limit(limit: int | None) -> None:
     if limit is None:
         return
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    new_hard = hard if hard == resource.RLIM_INFINITY or hard >= limit else hard
-    resource.setrlimit(resource.RLIMIT_DATA, (min(limit, new_hard), new_hard))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    # RLIM_INFINITY is -1: min(limit, hard) would turn the limit off.
+    soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+#: How ONNX Runtime's errors say that an allocation failed.
+_OUT_OF_MEMORY_MARKERS = (
+    "Cannot allocate memory",
+    "Failed to allocate memory",
+    "bad_alloc",
+)
 
 
 def _add_provenance(model: ir.Model, pipeline_text: str, seed: int) -> None:
@@ -166,15 +173,33 @@ def optimize(
     if cfg.target not in TARGETS:
         raise UsageError(f"--target {cfg.target!r} is not one of {', '.join(TARGETS)}")
     started = time.perf_counter()
-    _set_memory_limit(cfg.max_memory)
     registry = registry or default_registry(
         plugins=cfg.plugins, plugin_files=tuple(cfg.plugin_files)
     )
     pm = build_pipeline(registry, cfg.passes)
+    # The limit applies from here on: plugin imports above must not fail for it (a
+    # MemoryError there would read as a plugin error).
+    _set_memory_limit(cfg.max_memory)
+    limit = f" (--max-memory {cfg.max_memory} bytes)" if cfg.max_memory else ""
+    try:
+        return _optimize(input_path, Path(output_path), cfg, pm, started)
+    except MemoryError:
+        raise ResourceLimitError(f"{input_path}: out of memory{limit}; nothing written") from None
+    except InvalidModelError as e:
+        # ONNX Runtime reports failed allocations as load/run failures of the model.
+        if not any(marker in str(e) for marker in _OUT_OF_MEMORY_MARKERS):
+            raise
+        raise ResourceLimitError(
+            f"{input_path}: out of memory in ONNX Runtime{limit}; nothing written"
+        ) from None
+
+
+def _optimize(
+    input_path: str | Path, output: Path, cfg: OptimizeConfig, pm: PassManager, started: float
+) -> Report:
+    """The body of :func:`optimize` once the pipeline is built and limits are set."""
     pipeline_text = pm.to_text()
     tolerance = pipeline_tolerance(pm, cfg.tolerance)
-    output = Path(output_path)
-
     loaded = io.load(input_path)
     io.check_destination(
         output,
@@ -252,7 +277,10 @@ def optimize(
         if cfg.latency:
             feed = (feeds or [make_feeds(loaded.path, dims=dict(cfg.dims), seed=cfg.seed)])[0]
             report.latency = measure_latency(
-                {"before": loaded.path, "after": staged.model_path}, feed, threads=cfg.threads
+                {"before": loaded.path, "after": staged.model_path},
+                feed,
+                threads=cfg.threads,
+                budget_s=cfg.latency_budget_s,
             )
         staged.commit()
     report.total_seconds = time.perf_counter() - started

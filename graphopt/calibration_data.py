@@ -44,6 +44,60 @@ def _model_inputs(model: onnx.ModelProto | ir.Model) -> dict[str, int]:
     }
 
 
+#: An input's dims: an int for a fixed size, a str for a dim_param, None when unknown.
+Dims = tuple[int | str | None, ...]
+
+
+def _model_input_shapes(model: onnx.ModelProto | ir.Model) -> dict[str, Dims | None]:
+    """Graph inputs that must be fed -> their dims (None when the rank is unknown)."""
+    shapes: dict[str, Dims | None] = {}
+    if isinstance(model, ir.Model):
+        for v in model.graph.inputs:
+            if v.name is None or v.name in model.graph.initializers:
+                continue
+            if v.shape is None:
+                shapes[v.name] = None
+            else:
+                shapes[v.name] = tuple(
+                    d if isinstance(d, int) else (d.value if d.value else None)
+                    for d in v.shape
+                )
+        return shapes
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tensor_type = i.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            shapes[i.name] = None
+            continue
+        shapes[i.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor_type.shape.dim
+        )
+    return shapes
+
+
+def _check_shape(arr: np.ndarray, dims: Dims | None, name: str, where: str) -> None:
+    if dims is None:
+        return
+    fits = arr.ndim == len(dims) and all(
+        not isinstance(d, int) or d == n for d, n in zip(dims, arr.shape)
+    )
+    if not fits:
+        want = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+        raise CalibrationError(
+            f"{where}: input '{name}' has shape {tuple(arr.shape)}, the model expects {want}"
+        )
+
+
+def _get(arrays: Mapping[str, np.ndarray], name: str, where: str) -> np.ndarray:
+    try:
+        return np.asarray(arrays[name])
+    except ValueError as e:  # object arrays with allow_pickle=False: refused, not unpickled
+        raise CalibrationError(f"{where}: array '{name}' cannot be read: {e}") from None
+
+
 def _open_npz(path: Path) -> Mapping[str, np.ndarray]:
     try:
         return np.load(path, allow_pickle=False)  # type: ignore[no-any-return]
@@ -52,7 +106,10 @@ def _open_npz(path: Path) -> Mapping[str, np.ndarray]:
 
 
 def _validate_feed(
-    feed: Mapping[str, np.ndarray], inputs: dict[str, int], where: str
+    feed: Mapping[str, np.ndarray],
+    inputs: dict[str, int],
+    where: str,
+    shapes: Mapping[str, Dims | None] | None = None,
 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in feed:
@@ -66,6 +123,7 @@ def _validate_feed(
             arr = np.asarray(feed[name])
         except ValueError as e:
             raise CalibrationError(f"{where}: input '{name}': {e}") from None
+        _check_shape(arr, (shapes or {}).get(name), name, where)
         if arr.dtype == object:
             raise CalibrationError(f"{where}: input '{name}' is an object array; refused")
         want = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else arr.dtype
@@ -99,6 +157,7 @@ class CalibrationDataset:
     def __init__(self, path: str | Path, model: onnx.ModelProto | ir.Model, limit: int | None = None):
         self.path = Path(path)
         self.inputs = _model_inputs(model)
+        self.shapes = _model_input_shapes(model)
         self.limit = limit
         if not self.path.exists():
             raise UsageError(f"{self.path}: calibration data not found")
@@ -109,8 +168,10 @@ class CalibrationDataset:
         else:
             self.files = [self.path]
             arrays = _open_npz(self.path)
-            counts = {k: int(np.asarray(arrays[k]).shape[0]) if np.ndim(arrays[k]) else 0
-                      for k in arrays.keys()}
+            counts = {}
+            for k in arrays.keys():
+                arr = _get(arrays, k, str(self.path))
+                counts[k] = int(arr.shape[0]) if arr.ndim else 0
             if not counts or min(counts.values()) == 0:
                 raise CalibrationError(f"{self.path}: zero samples")
             if len(set(counts.values())) > 1:
@@ -127,15 +188,17 @@ class CalibrationDataset:
             for f in self.files:
                 if self.limit is not None and count >= self.limit:
                     return
-                yield _validate_feed(_open_npz(f), self.inputs, str(f))
+                arrays = _open_npz(f)
+                feed = {k: _get(arrays, k, str(f)) for k in arrays.keys()}
+                yield _validate_feed(feed, self.inputs, str(f), self.shapes)
                 count += 1
             return
         arrays = _open_npz(self.path)
-        data = {k: np.asarray(arrays[k]) for k in arrays.keys()}
+        data = {k: _get(arrays, k, str(self.path)) for k in arrays.keys()}
         n = min(v.shape[0] for v in data.values())
         for i in range(n):
             if self.limit is not None and count >= self.limit:
                 return
             sample = {k: v[i : i + 1] for k, v in data.items()}
-            yield _validate_feed(sample, self.inputs, f"{self.path} sample {i}")
+            yield _validate_feed(sample, self.inputs, f"{self.path} sample {i}", self.shapes)
             count += 1

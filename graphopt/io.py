@@ -293,6 +293,8 @@ def read_proto(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, Path, tup
     try:
         with open(resolved, "rb") as f:
             consumed = proto.ParseFromString(f.read())
+    except MemoryError:
+        raise
     except Exception as e:
         raise InvalidModelError(
             f"{source}: not an ONNX model: protobuf parse failed ({type(e).__name__})"
@@ -305,7 +307,13 @@ def read_proto(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, Path, tup
     for where, tensor in _iter_tensor_protos(proto):
         _check_tensor(tensor, where, base, source, external)
     try:
-        onnx.checker.check_model(proto)
+        if external:
+            # Given a protobuf, the checker looks for external data files relative to the
+            # current directory; given the path, it looks beside the model (where the checks
+            # above already found them).
+            onnx.checker.check_model(str(resolved))
+        else:
+            onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
         raise InvalidModelError(f"{source}: ONNX checker: {reason}") from None
@@ -329,6 +337,8 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
     proto, resolved, external = read_proto(path)
     try:
         model = ir.serde.deserialize_model(proto)
+    except MemoryError:
+        raise
     except Exception as e:
         raise InvalidModelError(f"{path}: cannot be converted to IR: {e}") from None
     ir.external_data.set_base_dir(model.graph, resolved.parent)
@@ -368,16 +378,32 @@ def check_destination(
         raise UsageError(f"{output}: folder {output.parent} does not exist")
     if output.is_dir():
         raise UsageError(f"{output}: is a directory, expected a file path")
-    for src in inputs:
-        if _same_file(output, src) or output.resolve() == src:
-            if not in_place:
+
+    def is_input(path: Path, src: Path) -> bool:
+        return _same_file(path, src) or path.resolve() == src
+
+    for i, src in enumerate(inputs):
+        if is_input(output, src):
+            if not in_place or i != 0:
                 raise OutputConflictError(
                     f"{output}: output is the input model or one of its data files; "
-                    "pass --in-place to replace it"
+                    "pass --in-place to replace the model"
                 )
             return
+    # The external data file the output may get (``<name>.data``) is a destination too.
+    data_file = output.with_name(output.name + ".data")
+    for src in inputs:
+        if is_input(data_file, src):
+            raise OutputConflictError(
+                f"{output}: its external data file {data_file.name} would replace the "
+                f"input's data file {src}; choose another output name"
+            )
     if output.exists() and not overwrite:
         raise OutputConflictError(f"{output}: already exists; pass --overwrite to replace it")
+    if data_file.exists() and not overwrite:
+        raise OutputConflictError(
+            f"{output}: {data_file.name} already exists beside it; pass --overwrite to replace it"
+        )
 
 
 @contextlib.contextmanager

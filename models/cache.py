@@ -59,11 +59,19 @@ def is_current(artifact: Path, version: str) -> bool:
         return False
 
 
+def _default_file_mode() -> int:
+    """The mode a plain ``open(..., "w")`` would give (mkstemp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -129,6 +137,7 @@ def cached_build(
             builder(tmp)
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise RuntimeError(f"recipe for {name} wrote nothing to {tmp}")
+            os.chmod(tmp, _default_file_mode())
             os.replace(tmp, out)
         except BaseException:
             with contextlib.suppress(OSError):

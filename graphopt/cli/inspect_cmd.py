@@ -12,6 +12,7 @@ from rich.table import Table
 from graphopt import io
 from graphopt.infra.instruments import op_histogram
 from graphopt.infra.registry import PassRegistry
+from graphopt.report import count_parameters
 
 
 def _shape_text(value: ir.Value) -> str:
@@ -23,8 +24,6 @@ def _shape_text(value: ir.Value) -> str:
 
 def describe(path: Path) -> dict[str, Any]:
     """A JSON-serialisable description of the model at ``path`` (validated load)."""
-    from graphopt.api import count_parameters
-
     loaded = io.load(path)
     model = loaded.model
     hist = op_histogram(model)

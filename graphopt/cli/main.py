@@ -29,6 +29,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 _state: dict[str, Any] = {"debug": False, "json_errors": False, "reproducer": None}
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each record as one line to the *current* ``sys.stderr`` (never wrapped)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(super().format(record).split()) if record.levelno >= logging.WARNING \
+            else super().format(record)
+
+
+def _not_reported_twice(record: logging.LogRecord) -> bool:
+    # A pass crash and its reproducer folder are reported in the CLI's own error line;
+    # the crash-reproducer instrument's log record would say the same again.
+    return not (record.name == "graphopt.infra.instruments" and record.levelno >= logging.ERROR)
+
+
 def _setup_logging(verbose: int) -> None:
     from rich.logging import RichHandler
 
@@ -36,10 +58,18 @@ def _setup_logging(verbose: int) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = RichHandler(
-        console=Console(stderr=True), show_time=False, show_path=verbose > 1, markup=False
-    )
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(
+            console=Console(stderr=True), show_time=False, show_path=verbose > 1, markup=False
+        )
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        # Not a terminal (a log file, CI, another program): one plain line per record, so
+        # that warnings are never wrapped over several lines.
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("graphopt: %(levelname)s: %(name)s: %(message)s"))
+    handler.addFilter(_not_reported_twice)
     root.addHandler(handler)
     root.setLevel(level)
     # Third-party libraries stay quiet unless -vv.
@@ -272,12 +302,26 @@ def _cleanup_reproducer() -> None:
         _state["reproducer"] = None
 
 
-def _emit_error(code: int, kind: str, message: str) -> None:
+def _emit_error(code: int, kind: str, message: str, reproducer: Path | None = None) -> None:
     line = " ".join(message.split())
+    if reproducer is not None:
+        line += f"; reproducer written to {reproducer}"
     if _state["json_errors"]:
-        sys.stderr.write(json.dumps({"error": kind, "exit_code": code, "message": line}) + "\n")
+        payload: dict[str, Any] = {"error": kind, "exit_code": code, "message": line}
+        if reproducer is not None:
+            payload["reproducer"] = str(reproducer)
+        sys.stderr.write(json.dumps(payload) + "\n")
     else:
         sys.stderr.write(f"graphopt: error: {line}\n")
+
+
+def _take_reproducer() -> Path | None:
+    """The reproducer folder if a crash filled it; it is then kept (not cleaned up)."""
+    repro = _state.get("reproducer")
+    if repro is not None and Path(repro).is_dir() and any(Path(repro).iterdir()):
+        _state["reproducer"] = None
+        return Path(repro)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,12 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except GraphoptError as e:
         if _state["debug"]:
             traceback.print_exc()
-        _emit_error(e.exit_code, type(e).__name__, str(e))
-        if e.exit_code == ExitCode.INTERNAL and _state.get("reproducer") is not None:
-            repro = _state["reproducer"]
-            if any(Path(repro).iterdir()):
-                _emit_error(ExitCode.INTERNAL, "Reproducer", f"reproducer written to {repro}")
-                _state["reproducer"] = None
+        repro = _take_reproducer() if e.exit_code == ExitCode.INTERNAL else None
+        _emit_error(e.exit_code, type(e).__name__, str(e), repro)
         code = e.exit_code
     except KeyboardInterrupt:
         _emit_error(ExitCode.INTERRUPTED, "Interrupted", "interrupted; nothing published")
@@ -328,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             ExitCode.INTERNAL,
             "InternalError",
             f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            _take_reproducer(),
         )
         code = ExitCode.INTERNAL
     finally:

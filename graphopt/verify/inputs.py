@@ -1,10 +1,10 @@
 """Model inputs for verification: generated from the graph's signature, or loaded from .npz.
 
 Generated feeds follow each graph input's element type and shape. Symbolic dimensions
-(``dim_param``) are bound by name from ``dims`` first, then guessed from the name (``batch``
-→ ``batch``; ``seq``/``sequence``/``length``/``past`` → ``seq``; anything else → 1). A
-``dim_param`` name is bound once per feed, so two inputs sharing ``batch`` agree. Values are
-chosen by dtype and input name so that typical transformer inputs are valid: ``*mask*`` all
+(``dim_param``) are bound by name from ``dims`` first, then guessed from the name
+(containing ``batch`` → ``batch``; ``seq``, ``len``, ``past`` or ``token`` → ``seq``;
+anything else → 1); dimensions with neither value nor name are 1. A ``dim_param`` name is
+bound once per feed, so two inputs sharing ``batch`` agree. Values are chosen by dtype and input name so that typical transformer inputs are valid: ``*mask*`` all
 ones, ``token_type_ids`` zeros, ``*position*ids*`` ``0..n-1`` along the last axis, other
 ``*ids*`` in ``[0, 100)``, other integers in ``[0, 4)``, floats standard normal, booleans
 random. Every input draws from its own generator seeded by ``(seed, crc32(name))``, so a
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto
 
 from graphopt.errors import CalibrationError, InvalidModelError, UsageError
+from graphopt.verify.dtypes import is_float_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ ID_LIMIT = 100
 #: Upper bound (exclusive) of other generated integers.
 INT_LIMIT = 4
 
-_SEQ_WORDS = ("seq", "sequence", "length", "past")
+_SEQ_WORDS = ("seq", "len", "past", "token")
 _FLOAT_TYPES = frozenset(
     {
         TensorProto.FLOAT,
@@ -101,7 +101,7 @@ class InputSpec:
     @property
     def type_name(self) -> str:
         """The ONNX element type's name (``FLOAT``, ``INT64`` ...)."""
-        return str(TensorProto.DataType.Name(self.elem_type))  # type: ignore[arg-type]
+        return str(TensorProto.DataType.Name(self.elem_type))
 
 
 # --------------------------------------------------------------------------- signature
@@ -114,7 +114,7 @@ def _load_proto_header(path: Path) -> onnx.ModelProto:
         raise UsageError(f"{path}: is a directory, expected an .onnx file")
     try:
         return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises several unrelated types
+    except Exception as e:  # noqa: BLE001 - protobuf error types vary
         raise InvalidModelError(f"{path}: not an ONNX model ({type(e).__name__})") from None
 
 
@@ -208,8 +208,8 @@ def guess_dim(param: str, *, batch: int, seq: int) -> int:
         seq: The value for sequence-like names.
 
     Returns:
-        ``batch`` for names containing "batch"; ``seq`` for names containing "seq",
-        "sequence", "length" or "past"; 1 otherwise.
+        ``batch`` for names containing "batch"; ``seq`` for names containing "seq"
+        (sequence), "len" (length), "past" or "token"; 1 otherwise (case-insensitive).
     """
     lowered = param.lower()
     if "batch" in lowered:
@@ -275,9 +275,7 @@ def _integer_values(
     return rng.integers(0, high, size=shape).astype(dtype)
 
 
-def generate_value(
-    spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator
-) -> np.ndarray:
+def generate_value(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Generates one input's values (see the module docstring for the rules).
 
     Args:
@@ -315,9 +313,7 @@ def generate_value(
     if t == TensorProto.STRING:
         words = np.array(["a", "b", "c", "d"], dtype=object)
         return words[rng.integers(0, len(words), size=shape)]
-    raise InvalidModelError(
-        f"input '{spec.name}': element type {spec.type_name} is not supported"
-    )
+    raise InvalidModelError(f"input '{spec.name}': element type {spec.type_name} is not supported")
 
 
 def make_feeds(
@@ -369,21 +365,28 @@ def make_feeds(
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise CalibrationError(
-                f"{path}: refused: the file holds pickled data, which is never unpickled; "
-                "save plain numeric arrays with numpy.savez"
-            ) from None
-        raise CalibrationError(f"{path}: not an .npz archive ({e})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise CalibrationError(f"{path}: not an .npz archive ({type(e).__name__})") from None
-    if isinstance(loaded, np.ndarray):
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot be read ({e.strerror})") from None
+    if head.startswith(b"\x93NUMPY"):
         raise CalibrationError(
             f"{path}: is a single .npy array; expected an .npz archive of arrays keyed by "
             "input name (numpy.savez(path, input_ids=...))"
         )
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        raise CalibrationError(
+            f"{path}: refused: the file is a Python pickle, which is never unpickled; save "
+            "plain numeric arrays with numpy.savez"
+        )
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise CalibrationError(f"{path}: not an .npz archive (no zip header)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CalibrationError(f"{path}: not an .npz archive ({type(e).__name__})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise CalibrationError(f"{path}: not an .npz archive")
     arrays: dict[str, np.ndarray] = {}
     with loaded:
         for key in loaded.files:
@@ -405,41 +408,30 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _is_float_dtype(dtype: np.dtype) -> bool:
-    if np.issubdtype(dtype, np.floating):
-        return True
-    try:
-        ml_dtypes.finfo(dtype)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
 def _cast(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
     target = spec.dtype
     source = array.dtype
     if source == target:
         return array
     problem = f"{path}: input '{spec.name}': dtype {source} cannot be used as {spec.type_name}"
-    if source.kind == "V" and not _is_float_dtype(source):
+    if source.kind == "V" and not is_float_dtype(source):
         raise CalibrationError(f"{problem} (raw bytes; save bfloat16 data as float32)")
     if spec.elem_type == TensorProto.STRING:
         if source.kind not in "USO":
             raise CalibrationError(problem)
         return array.astype(object)
-    if _is_float_dtype(target):
-        if not (_is_float_dtype(source) or source.kind in "iub"):
+    if is_float_dtype(target):
+        if not (is_float_dtype(source) or source.kind in "iub"):
             raise CalibrationError(problem)
         with np.errstate(over="ignore", invalid="ignore"):
             cast = array.astype(target)
-        if np.isfinite(array.astype(np.float64)).all() and not np.isfinite(
-            cast.astype(np.float64)
-        ).all():
-            raise CalibrationError(
-                f"{path}: input '{spec.name}': values overflow {spec.type_name}"
-            )
+        if (
+            np.isfinite(array.astype(np.float64)).all()
+            and not np.isfinite(cast.astype(np.float64)).all()
+        ):
+            raise CalibrationError(f"{path}: input '{spec.name}': values overflow {spec.type_name}")
         return cast
-    if source.kind == "f" or _is_float_dtype(source) or source.kind in "cUSO":
+    if source.kind == "f" or is_float_dtype(source) or source.kind in "cUSO":
         raise CalibrationError(problem)
     if target.kind in "iu":
         if source.kind == "b":
@@ -496,11 +488,10 @@ def validate_feed(
                     f"{path}: input '{spec.name}': rank {array.ndim} (shape "
                     f"{tuple(array.shape)}), model expects rank {len(spec.dims)}"
                 )
-            for axis, (size, want) in enumerate(zip(array.shape, spec.dims)):
+            for axis, (size, want) in enumerate(zip(array.shape, spec.dims, strict=True)):
                 if isinstance(want, int) and size != want:
                     raise CalibrationError(
-                        f"{path}: input '{spec.name}': axis {axis} is {size}, model "
-                        f"expects {want}"
+                        f"{path}: input '{spec.name}': axis {axis} is {size}, model expects {want}"
                     )
                 if isinstance(want, str):
                     if want in bound and bound[want][0] != size:
@@ -514,7 +505,7 @@ def validate_feed(
     else:
         out = dict(feed)
     for name, array in out.items():
-        if _is_float_dtype(array.dtype) or array.dtype.kind == "c":
+        if is_float_dtype(array.dtype) or array.dtype.kind == "c":
             wide = np.complex128 if array.dtype.kind == "c" else np.float64
             finite = np.isfinite(array.astype(wide))
             if not finite.all():
