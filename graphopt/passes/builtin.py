@@ -13,9 +13,10 @@ GRAPHOPT_API_VERSION = 1
 
 def register(registry: PassRegistry) -> None:
     """Registers every built-in pass and named pipeline."""
-    from graphopt.passes import cleanup
+    from graphopt.passes import cleanup, fusion
 
     cleanup.register(registry)
+    fusion.register(registry)
     registry.register_pipeline(
         "default", "cleanup", "the pipeline `graphopt optimize` runs when --passes is omitted"
     )

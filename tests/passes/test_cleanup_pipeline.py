@@ -317,3 +317,34 @@ def test_torch_exported_attention(tmp_path: Path) -> None:
         assert len(after.graph.node) < len(proto.graph.node)
     # trusting dim_params removes every run-time shape computation feeding a Reshape
     assert all(n.op_type != "Concat" for n in after.graph.node)
+
+
+def test_loop_body_is_cleaned_recursively() -> None:
+    text = f"""{H}
+    g (float[2,3] x, int64 n) => (float[2,3] y) {{
+        cond = Constant<value = bool {{1}}>()
+        y = Loop(n, cond, x) <body = body (int64 i, bool c, float[2,3] acc) => (bool c_out, float[2,3] acc_out) {{
+            c_out = Identity(c)
+            k = Constant<value = float[3] {{1.0, 2.0, 3.0}}>()
+            k2 = Add(k, k)
+            s = Shape(acc)
+            r = Reshape(acc, s)
+            a1 = Add(r, k2)
+            a2 = Add(r, k2)
+            dead = Neg(a1)
+            acc_out = Mul(a1, a2)
+        }}>
+    }}"""
+    before = to_proto(model_from_text(text))
+    model = model_from_text(text)
+    cleanup().execute(model)
+    after = to_proto(model)
+    assert_valid(after)
+    feeds = {"x": np.full((2, 3), 0.5, np.float32), "n": np.array(3, np.int64)}
+    assert_bit_exact(before, after, feeds)
+    body = model.graph.node(1).attributes["body"].as_graph()
+    # c_out = Identity(c) stays (a body input wired to a body output); k2 is folded; the
+    # Shape folds and the no-op Reshape goes; a2 merges into a1; Neg is dead.
+    assert [n.op_type for n in body] == ["Identity", "Constant", "Add", "Mul"]
+    assert [v.name for v in body.outputs] == ["c_out", "acc_out"]
+    assert not cleanup().execute(model).modified

@@ -153,7 +153,9 @@ def assert_json_error(result: CliResult, code: int, *needles: str) -> dict[str, 
 # ----------------------------------------------------------------------- audit-hook spy
 # Audit hooks cannot be removed once added, so one hook is installed for the session and
 # records events only while a test has switched it on.
-_SPY: dict[str, Any] = {"active": False, "installed": False, "opened": [], "unpickled": []}
+_SPY: dict[str, Any] = {
+    "active": False, "installed": False, "opened": [], "modes": [], "mmaps": [], "unpickled": []
+}
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
@@ -161,6 +163,9 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         return
     if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
         _SPY["opened"].append(os.fsdecode(args[0]))
+        _SPY["modes"].append((os.fsdecode(args[0]), args[1], args[2]))
+    elif event == "mmap.__new__":
+        _SPY["mmaps"].append(args)
     elif event == "pickle.find_class":
         _SPY["unpickled"].append(f"{args[0]}.{args[1]}")
 
@@ -196,8 +201,26 @@ class FileSpy:
 
     def clear(self) -> None:
         """Forgets what was recorded so far (call after the test's own set-up)."""
-        _SPY["opened"].clear()
-        _SPY["unpickled"].clear()
+        for key in ("opened", "modes", "mmaps", "unpickled"):
+            _SPY[key].clear()
+
+    def writable_opens(self, paths: Iterable[Path]) -> list[tuple[str, object, int]]:
+        """Opens of any of ``paths`` (resolved) that could write: a mode with w/a/x/+ or
+        flags with O_WRONLY/O_RDWR/O_APPEND/O_CREAT/O_TRUNC."""
+        targets = {p.resolve() for p in paths}
+        write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+        bad = []
+        for path, mode, flags in _SPY["modes"]:
+            if Path(path).resolve() not in targets:
+                continue
+            if (isinstance(mode, str) and set(mode) & set("wax+")) or (flags or 0) & write_flags:
+                bad.append((path, mode, flags))
+        return bad
+
+    @property
+    def mmaps(self) -> list[tuple[Any, ...]]:
+        """``mmap.mmap`` calls: (fileno, length, access, offset)."""
+        return list(_SPY["mmaps"])
 
     def opened_resolved(self) -> set[Path]:
         """Resolved paths of everything opened."""

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from reliability_support import (
     CliResult,
+    FileSpy,
     TreeGuard,
     assert_one_line_error,
     load_full,
@@ -58,6 +59,54 @@ def _assert_good_output(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
     for got, want in zip(ort_run(path, FEED), _expected()):
         np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- how files are touched
+
+
+def test_inputs_are_opened_read_only(cli: Cli, tmp_path: Path, spy: FileSpy) -> None:
+    """Every Python-level open of the input model and its data file is read-only, and every
+    memory map is a read-only map. (Opens inside ONNX Runtime's C++ are not observed.)"""
+    import mmap
+
+    src, files = _inputs(tmp_path / "in", external=True)
+    (tmp_path / "out").mkdir()
+    guard = TreeGuard(tmp_path).freeze()
+    spy.clear()
+    result = cli("optimize", src, "-o", tmp_path / "out" / "o.onnx", "--no-latency")
+    spy.freeze()
+    assert result.code == 0, result.err
+    opened = spy.opened_resolved()
+    assert {p.resolve() for p in files} <= opened
+    assert spy.writable_opens(files) == []
+    # onnx-ir copies untouched external tensors with copy_file_range (no map at all) and
+    # maps them read-only when a value is read.
+    assert all(m[2] == mmap.ACCESS_READ for m in spy.mmaps), spy.mmaps
+    guard.assert_inputs_intact(files)
+
+
+def test_published_by_rename_data_first_then_the_model(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = _inputs(tmp_path / "in", external=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    renames: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def recording_replace(a: object, b: object, *args: object, **kwargs: object) -> None:
+        renames.append((Path(os.fsdecode(a)), Path(os.fsdecode(b))))  # type: ignore[arg-type]
+        real_replace(a, b, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    result = cli("optimize", src, "-o", out / "o.onnx", "--no-latency")
+    assert result.code == 0, result.err
+    published = [(a, b) for a, b in renames if b.parent == out]
+    assert [b.name for _, b in published] == ["o.onnx.data", "o.onnx"]
+    for staged, _ in published:
+        # Staged beside the destination (same file system): the rename is atomic.
+        assert staged.parent.parent == out and staged.parent.name.startswith(".graphopt-stage-")
+    assert sorted(p.name for p in out.iterdir()) == ["o.onnx", "o.onnx.data"]
 
 
 # -------------------------------------------------------------------------- conflicts
