@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 from graphopt import __version__
 
-TARGETS = ("ort", "tensorrt", "ext")
+TARGETS = ("ort", "tensorrt", "ext", "portable")
 
 
 @dataclass
@@ -70,6 +70,7 @@ class OptimizeConfig:
         seed: Seed for every random choice.
         verify_each: Run the ONNX checker after every pass.
         print_after_change: Log the graph after each pass that changed it.
+        explain: Ask passes that can (``fuse``) to record why rules did not fire.
         reproducer_dir: Where a crash reproducer goes (none when None).
         max_memory: Upper bound on the process's data segment in bytes (exit 6 beyond).
         threads: ORT intra-op threads for verification and latency.
@@ -94,6 +95,7 @@ class OptimizeConfig:
     seed: int = 0
     verify_each: bool = False
     print_after_change: bool = False
+    explain: bool = False
     reproducer_dir: Path | None = None
     max_memory: int | None = None
     threads: int = 2
@@ -120,13 +122,16 @@ def pipeline_tolerance(pm: PassManager, override: str | None = None) -> Toleranc
     return tolerance_for(names)
 
 
-def _set_memory_limit(limit: int | None) -> None:
+def _set_memory_limit(limit: int | None) -> tuple[int, int] | None:
+    """Sets RLIMIT_DATA's soft limit; returns the previous limits to restore (or None)."""
     if limit is None:
-        return
-    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        return None
+    previous = resource.getrlimit(resource.RLIMIT_DATA)
+    hard = previous[1]
     # RLIM_INFINITY is -1: min(limit, hard) would turn the limit off.
     soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    return previous
 
 
 #: How ONNX Runtime's errors say that an allocation failed.
@@ -179,7 +184,7 @@ def optimize(
     pm = build_pipeline(registry, cfg.passes)
     # The limit applies from here on: plugin imports above must not fail for it (a
     # MemoryError there would read as a plugin error).
-    _set_memory_limit(cfg.max_memory)
+    previous_limit = _set_memory_limit(cfg.max_memory)
     limit = f" (--max-memory {cfg.max_memory} bytes)" if cfg.max_memory else ""
     try:
         return _optimize(input_path, Path(output_path), cfg, pm, started)
@@ -192,6 +197,9 @@ def optimize(
         raise ResourceLimitError(
             f"{input_path}: out of memory in ONNX Runtime{limit}; nothing written"
         ) from None
+    finally:
+        if previous_limit is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, previous_limit)
 
 
 def _optimize(
@@ -217,6 +225,7 @@ def _optimize(
     instruments: list[Instrument] = [timing, *cfg.extra_instruments]
     if cfg.print_after_change:
         instruments.append(PrintAfterChangeInstrument())
+        logging.getLogger("graphopt.infra.instruments").setLevel(logging.INFO)
     if cfg.reproducer_dir is not None:
         instruments.append(CrashReproducerInstrument(cfg.reproducer_dir, loaded.path))
     ctx = PassContext(
@@ -225,6 +234,7 @@ def _optimize(
         calibration=CalibrationDataset(cfg.calib, model) if cfg.calib else None,
         instruments=instruments,
         verify_each=cfg.verify_each,
+        options={"explain": cfg.explain},
     )
     try:
         result = pm.execute(model, ctx)
@@ -253,6 +263,7 @@ def _optimize(
         output,
         external_data=True if loaded.has_external_data else None,
         size_limit=cfg.size_limit,
+        fidelity=loaded.fidelity,
     ) as staged:
         report.size_after = io.model_files_size(staged.files)
         if cfg.verify:

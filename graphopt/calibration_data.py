@@ -169,7 +169,7 @@ class CalibrationDataset:
             self.files = [self.path]
             arrays = _open_npz(self.path)
             counts = {}
-            for k in arrays.keys():
+            for k in arrays:
                 arr = _get(arrays, k, str(self.path))
                 counts[k] = int(arr.shape[0]) if arr.ndim else 0
             if not counts or min(counts.values()) == 0:
@@ -189,12 +189,12 @@ class CalibrationDataset:
                 if self.limit is not None and count >= self.limit:
                     return
                 arrays = _open_npz(f)
-                feed = {k: _get(arrays, k, str(f)) for k in arrays.keys()}
+                feed = {k: _get(arrays, k, str(f)) for k in arrays}
                 yield _validate_feed(feed, self.inputs, str(f), self.shapes)
                 count += 1
             return
         arrays = _open_npz(self.path)
-        data = {k: _get(arrays, k, str(self.path)) for k in arrays.keys()}
+        data = {k: _get(arrays, k, str(self.path)) for k in arrays}
         n = min(v.shape[0] for v in data.values())
         for i in range(n):
             if self.limit is not None and count >= self.limit:

@@ -56,11 +56,69 @@ class LoadedModel:
     model: ir.Model
     path: Path
     external_files: tuple[Path, ...]
+    fidelity: FidelityRecord | None = None
 
     @property
     def has_external_data(self) -> bool:
         """Whether any tensor lives in an external data file."""
         return bool(self.external_files)
+
+
+@dataclass(frozen=True)
+class FidelityRecord:
+    """What serialization through onnx-ir does not keep by itself, read from the source.
+
+    onnx-ir writes ``metadata_props`` sorted by key and adds a ``value_info`` entry for
+    every initializer. :func:`restore_fidelity` undoes both against this record, so a
+    no-op pipeline reproduces the source field for field.
+
+    Attributes:
+        metadata_order: The source's metadata keys in their order.
+        value_info_names: Names that had a ``value_info`` entry in any graph of the source.
+    """
+
+    metadata_order: tuple[str, ...]
+    value_info_names: frozenset[str]
+
+    @classmethod
+    def of(cls, proto: onnx.ModelProto) -> FidelityRecord:
+        """Reads the record from a source model."""
+        names: set[str] = set()
+        for graph in _iter_graphs(proto.graph):
+            names.update(v.name for v in graph.value_info)
+        return cls(tuple(p.key for p in proto.metadata_props), frozenset(names))
+
+
+def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _iter_graphs(attr.g)
+            for g in attr.graphs:
+                yield from _iter_graphs(g)
+
+
+def restore_fidelity(proto: onnx.ModelProto, record: FidelityRecord) -> None:
+    """Puts metadata back in the source's order and drops the ``value_info`` entries that
+    onnx-ir added for initializers (the source had none for them). In place."""
+    order = {key: i for i, key in enumerate(record.metadata_order)}
+    props = [(p.key, p.value) for p in proto.metadata_props]
+    props.sort(key=lambda kv: (order.get(kv[0], len(order)), 0 if kv[0] in order else 1))
+    if [k for k, _ in props] != [p.key for p in proto.metadata_props]:
+        del proto.metadata_props[:]
+        for key, value in props:
+            proto.metadata_props.add(key=key, value=value)
+    for graph in _iter_graphs(proto.graph):
+        initializers = {t.name for t in graph.initializer}
+        keep = [
+            v
+            for v in graph.value_info
+            if v.name not in initializers or v.name in record.value_info_names
+        ]
+        if len(keep) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(keep)
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -279,8 +337,11 @@ def read_proto(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, Path, tup
     _check_input_path(source)
     resolved = source.resolve()
     size = resolved.stat().st_size
-    with open(resolved, "rb") as f:
-        head = f.read(64)
+    try:
+        with open(resolved, "rb") as f:
+            head = f.read(64)
+    except OSError as e:  # permission checks other than mode bits (ACLs, LSMs), races
+        raise UsageError(f"{source}: cannot be read ({e.strerror or type(e).__name__})") from None
     found = sniff_format(head, size)
     if found is not None:
         raise InvalidModelError(f"{source}: not an ONNX model: found {found}")
@@ -343,7 +404,12 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
         raise InvalidModelError(f"{path}: cannot be converted to IR: {e}") from None
     ir.external_data.set_base_dir(model.graph, resolved.parent)
     logger.debug("loaded %s (%d external data files)", resolved, len(external))
-    return LoadedModel(model=model, path=resolved, external_files=external)
+    return LoadedModel(
+        model=model,
+        path=resolved,
+        external_files=external,
+        fidelity=FidelityRecord.of(proto),
+    )
 
 
 # --------------------------------------------------------------------------- saving
@@ -474,6 +540,7 @@ def stage_model(
     *,
     external_data: bool | None = None,
     size_limit: int = PROTOBUF_LIMIT,
+    fidelity: FidelityRecord | None = None,
 ) -> Iterator[StagedModel]:
     """Writes ``model`` into a staging folder in the destination's filesystem.
 
@@ -484,6 +551,7 @@ def stage_model(
         external_data: True to always write external data, False never, None to decide by
             size (over ``size_limit`` goes external, transparently).
         size_limit: The serialized size at which external data becomes necessary.
+        fidelity: The source's record; restores what onnx-ir's serialization changes.
 
     Yields:
         The staged model; nothing is published unless ``commit()`` is called.
@@ -504,8 +572,15 @@ def stage_model(
                 external_data=data_name,
                 size_threshold_bytes=EXTERNAL_DATA_THRESHOLD,
             )
+            if fidelity is not None:
+                # The .onnx holds no weights here; patch it in place in the stage.
+                proto = onnx.load(str(staged_model), load_external_data=False)
+                restore_fidelity(proto, fidelity)
+                staged_model.write_bytes(proto.SerializeToString())
         else:
             proto = ir.serde.serialize_model(model)
+            if fidelity is not None:
+                restore_fidelity(proto, fidelity)
             staged_model.write_bytes(proto.SerializeToString())
         files = [p for p in (stage / data_name,) if p.exists()] + [staged_model]
         yield StagedModel(folder / dest.name, staged_model, files)
@@ -517,6 +592,7 @@ def save(
     *,
     external_data: bool | None = None,
     size_limit: int = PROTOBUF_LIMIT,
+    fidelity: FidelityRecord | None = None,
 ) -> list[Path]:
     """Writes a model atomically (staged in the destination folder, then renamed).
 
@@ -525,7 +601,9 @@ def save(
     Returns:
         The files written, data file first.
     """
-    with stage_model(model, path, external_data=external_data, size_limit=size_limit) as staged:
+    with stage_model(
+        model, path, external_data=external_data, size_limit=size_limit, fidelity=fidelity
+    ) as staged:
         return staged.commit()
 
 

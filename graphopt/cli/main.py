@@ -41,8 +41,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
     def format(self, record: logging.LogRecord) -> str:
-        return " ".join(super().format(record).split()) if record.levelno >= logging.WARNING \
-            else super().format(record)
+        text = super().format(record)
+        # Warnings and errors are one line each; -v/-vv progress and dumps may span lines.
+        return " ".join(text.split()) if record.levelno >= logging.WARNING else text
 
 
 def _not_reported_twice(record: logging.LogRecord) -> bool:
@@ -75,6 +76,11 @@ def _setup_logging(verbose: int) -> None:
     # Third-party libraries stay quiet unless -vv.
     for name in ("onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(name).setLevel(level if verbose > 1 else logging.WARNING)
+
+
+def _console() -> Console:
+    """Stdout console; 120 columns when stdout is not a terminal (pipes, CI logs)."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def common_options(func: F) -> F:
@@ -149,7 +155,7 @@ def cli() -> None:
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx.")
 @click.option("--passes", default="default", show_default=True, help="Pipeline text.")
-@click.option("--target", type=click.Choice(["ort", "tensorrt", "ext"]), default="ort",
+@click.option("--target", type=click.Choice(["ort", "tensorrt", "ext", "portable"]), default="ort",
               show_default=True, help="Backend whose policies and ops are used.")
 @click.option("--calib", type=click.Path(path_type=Path), help=".npz or folder of .npz feeds.")
 @click.option("--inputs", type=click.Path(path_type=Path),
@@ -165,6 +171,8 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker after every pass.")
 @click.option("--print-after-change", is_flag=True, help="Log the graph after changing passes.")
+@click.option("--explain", is_flag=True,
+              help="Per fusion rule: times fired, and the closest miss of rules that never fired.")
 @click.option("--max-memory", help="Memory limit such as 8G; exceeding it exits with 6.")
 @click.option("--threads", type=int, default=2, show_default=True,
               help="ONNX Runtime threads for verification and latency.")
@@ -187,6 +195,7 @@ def optimize(
     seed: int,
     verify_each: bool,
     print_after_change: bool,
+    explain: bool,
     max_memory: str | None,
     threads: int,
     no_plugins: bool,
@@ -215,13 +224,19 @@ def optimize(
         seed=seed,
         verify_each=verify_each,
         print_after_change=print_after_change,
+        explain=explain,
         reproducer_dir=repro,
         max_memory=_parse_size(max_memory),
         threads=threads,
     )
     result = run_optimize(input_path, output, cfg)
     _cleanup_reproducer()
-    result.render(Console())
+    console = _console()
+    result.render(console)
+    if explain:
+        from graphopt.cli.explain import render_explain
+
+        render_explain(result.passes, console)
 
 
 @cli.command()
@@ -236,7 +251,7 @@ def inspect(input_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        render_description(info, Console())
+        render_description(info, _console())
 
 
 @cli.command(name="passes")
@@ -248,7 +263,7 @@ def list_passes(no_plugins: bool, plugin_files: tuple[Path, ...]) -> None:
     from graphopt.infra.registry import default_registry
 
     registry = default_registry(plugins=not no_plugins, plugin_files=plugin_files)
-    render_registry(registry, Console())
+    render_registry(registry, _console())
 
 
 @cli.command()
@@ -287,7 +302,7 @@ def compare(
         latency=not no_latency,
         threads=threads,
         seed=seed,
-        console=Console(),
+        console=_console(),
     )
     if not passed:
         raise SystemExit(int(ExitCode.VERIFICATION))

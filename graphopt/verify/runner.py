@@ -73,7 +73,9 @@ def make_session(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    # Fatal only: ORT's C++ logger would otherwise print failures on fd 2 in colour;
+    # its exceptions carry the same message, which we report as one line.
+    options.log_severity_level = 4
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     for library in custom_op_libraries:
@@ -85,9 +87,13 @@ def make_session(
             raise InvalidModelError(
                 f"{library}: cannot register custom-op library: {_first_line(e)}"
             ) from None
+    source: str | bytes = str(model_path)
+    renamed = _unique_node_names_copy(model_path)
+    if renamed is not None:
+        source = renamed
     try:
         session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            source, sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as e:  # noqa: BLE001 - ORT error types vary
         raise InvalidModelError(
@@ -95,6 +101,41 @@ def make_session(
         ) from None
     logger.debug("session for %s (threads=%d, optimize=%s)", model_path, threads, optimize)
     return session
+
+
+def _unique_node_names_copy(model_path: Path) -> bytes | None:
+    """A serialized copy with unique node names when the model repeats names.
+
+    ONNX Runtime refuses duplicate node names, which the ONNX standard allows; for
+    verification only, a renamed in-memory copy runs instead (the file is untouched).
+    Models with external data are returned as None (ORT needs their folder).
+    """
+    if model_path.stat().st_size > 2**31 - 1:
+        return None
+    proto = onnx.load(str(model_path), load_external_data=False)
+    tensors = [*proto.graph.initializer]
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+        return None
+    seen: set[str] = set()
+    duplicate = False
+    for node in proto.graph.node:
+        if node.name and node.name in seen:
+            duplicate = True
+            break
+        seen.add(node.name)
+    if not duplicate:
+        return None
+    used: set[str] = set()
+    for index, node in enumerate(proto.graph.node):
+        name = node.name or f"node_{index}"
+        candidate, k = name, 1
+        while candidate in used:
+            candidate = f"{name}__{k}"
+            k += 1
+        node.name = candidate
+        used.add(candidate)
+    logger.info("%s: node names repeat; verifying a renamed in-memory copy", model_path)
+    return proto.SerializeToString()
 
 
 def _to_ortvalue(array: np.ndarray) -> ort.OrtValue:

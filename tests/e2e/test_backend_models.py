@@ -11,12 +11,19 @@ run (see ``conftest.py``) and written to ``docs/backend_sweep.md`` by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from graphopt.testing.backend_models import KINDS, MATCHED, SKIPPED, discover, run_case
+from graphopt.testing.backend_models import (
+    KINDS,
+    MATCHED,
+    SKIPPED,
+    BackendCase,
+    discover,
+    run_case,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +39,9 @@ def test_backend_test_data_is_present() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_backend_model(
-    case: object, tmp_path: Path, record_property: Callable[[str, object], None]
+    case: BackendCase, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
-    result = run_case(case, tmp_path)  # type: ignore[arg-type]
+    result = run_case(case, tmp_path)
     record_property("backend_sweep", result.to_json())
     if result.status == SKIPPED:
         pytest.skip(result.reason)

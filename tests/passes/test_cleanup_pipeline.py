@@ -236,7 +236,7 @@ def _load_case(directory: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     return proto, feeds
 
 
-def _check_cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+def _check_cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
     try:
         ort_outputs(proto, feeds)
     except Exception as e:  # noqa: BLE001 - ORT cannot run the original (old opsets, string locales...)
@@ -248,6 +248,7 @@ def _check_cleanup(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None
     assert signature(after) == signature(proto)
     assert_bit_exact(proto, after, feeds)
     assert not cleanup().execute(model).modified
+    return after
 
 
 @pytest.mark.slow
@@ -264,10 +265,15 @@ def test_backend_case(directory: str) -> None:
 def test_light_model(path: str) -> None:
     # IR 3 models: every initializer is a graph input, so nothing may be folded.
     proto = onnx.load(path)
-    _check_cleanup(proto, random_feeds(proto, seed=0))
+    after = _check_cleanup(proto, random_feeds(proto, seed=0))
+    assert len(after.graph.initializer) == len(proto.graph.initializer)
+    assert [n.op_type for n in after.graph.node].count("ConstantOfShape") == [
+        n.op_type for n in proto.graph.node
+    ].count("ConstantOfShape")
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python")
 def test_torch_exported_attention(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
 

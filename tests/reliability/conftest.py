@@ -25,11 +25,11 @@ def spy() -> Iterator[FileSpy]:
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+def cli(capfd: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     """Runs ``graphopt`` in process: ``cli("optimize", path, "-o", out)``."""
 
     def run(*argv: str | os.PathLike[str]) -> CliResult:
-        return run_in_process(list(argv), capsys)
+        return run_in_process(list(argv), capfd)
 
     return run
 

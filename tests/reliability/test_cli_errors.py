@@ -180,7 +180,9 @@ def test_internal_error_traceback_only_with_debug(
     result = _optimize(cli, src, "--passes", "boom", "--plugin", PLUGINS / "boom.py", "--debug")
     assert result.code == 1
     assert "Traceback" in result.err
-    repro_dirs.extend(_repro_dir(line) for line in result.err_lines if "reproducer" in line)
+    errors = [line for line in result.err_lines if line.startswith("graphopt: error: ")]
+    assert len(errors) == 1, result.err
+    repro_dirs.append(_repro_dir(errors[0]))
 
 
 def test_internal_error_real_process(src: Path, repro_dirs: list[Path]) -> None:

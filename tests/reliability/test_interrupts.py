@@ -63,9 +63,16 @@ def test_ctrl_c_while_staged_removes_the_stage(
     guard.assert_unchanged()
 
 
-def _start_sleepy(tmp_path: Path, src: Path) -> tuple[subprocess.Popen[str], Path]:
-    marker = tmp_path / "pass-started"
-    env = dict(os.environ, GRAPHOPT_TEST_MARKER=str(marker))
+def _start_sleepy(
+    tmp_path: Path, src: Path, scratch: Path
+) -> tuple[subprocess.Popen[str], Path]:
+    """Starts ``graphopt optimize --passes sleepy`` and waits until the pass runs.
+
+    ``scratch`` becomes the child's TMPDIR (its reproducer folder goes there, outside the
+    guarded tree, and is removed with it; a killed process cannot clean up).
+    """
+    marker = scratch / "pass-started"
+    env = dict(os.environ, GRAPHOPT_TEST_MARKER=str(marker), TMPDIR=str(scratch))
     proc = subprocess.Popen(
         [str(GRAPHOPT_SCRIPT), "optimize", str(src), "-o", str(tmp_path / "out" / "o.onnx"),
          "--no-latency", "--passes", "sleepy", "--plugin", str(PLUGINS / "sleepy.py")],
@@ -85,22 +92,28 @@ def _start_sleepy(tmp_path: Path, src: Path) -> tuple[subprocess.Popen[str], Pat
     return proc, marker
 
 
-def test_sigint_real_process_exits_130(tmp_path: Path) -> None:
+@pytest.fixture
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder outside ``tmp_path`` (so outside the guarded tree)."""
+    return tmp_path_factory.mktemp("scratch")
+
+
+def test_sigint_real_process_exits_130(tmp_path: Path, scratch: Path) -> None:
     src = _inputs(tmp_path)
     guard = TreeGuard(tmp_path).freeze()
-    proc, _ = _start_sleepy(tmp_path, src)
+    proc, _ = _start_sleepy(tmp_path, src, scratch)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert_one_line_error(CliResult(proc.returncode, out, err), 130, "interrupted")
     guard.assert_unchanged()
 
 
-def test_kill_real_process_leaves_inputs_and_destination(tmp_path: Path) -> None:
+def test_kill_real_process_leaves_inputs_and_destination(tmp_path: Path, scratch: Path) -> None:
     """SIGKILL cannot be handled: nothing may have been written to the destination yet, and
     the input keeps its bytes."""
     src = _inputs(tmp_path)
     guard = TreeGuard(tmp_path).freeze()
-    proc, _ = _start_sleepy(tmp_path, src)
+    proc, _ = _start_sleepy(tmp_path, src, scratch)
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL

@@ -19,8 +19,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from reliability_support import (
-    FileSpy,
     CliResult,
+    FileSpy,
     TreeGuard,
     assert_one_line_error,
     finish_model,
@@ -364,3 +364,36 @@ def test_external_data_security_real_process(tmp_path: Path) -> None:
     result = run_script(["optimize", src, "-o", tmp_path / "out" / "o.onnx"])
     assert_one_line_error(result, 4, "m.onnx", "initializer 'w'")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ------------------------------------------------------------- the other commands
+
+
+@pytest.mark.parametrize("command", ["inspect", "compare-a", "compare-b"])
+@pytest.mark.parametrize(
+    ("case", "code", "needle"),
+    [("missing", 2, "no such file"), ("pickle", 3, "pickle"), ("outside", 4, "outside")],
+)
+def test_inspect_and_compare_use_the_same_safe_load(
+    cli: Cli, guard: TreeGuard, tmp_path: Path, command: str, case: str, code: int, needle: str
+) -> None:
+    from reliability_support import set_external_location
+
+    good = save_model(simple_model(), tmp_path / "good" / "g.onnx")
+    if case == "missing":
+        bad = tmp_path / "bad.onnx"
+    elif case == "pickle":
+        bad = tmp_path / "bad.onnx"
+        bad.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    else:
+        bad, data = _external_model(tmp_path / "in")
+        set_external_location(bad, "w", "../" + data.name)
+    guard.freeze()
+    if command == "inspect":
+        result = cli("inspect", bad)
+    elif command == "compare-a":
+        result = cli("compare", bad, good, "--no-latency")
+    else:
+        result = cli("compare", good, bad, "--no-latency")
+    assert_one_line_error(result, code, bad.name, needle)
+    guard.assert_unchanged()

@@ -15,7 +15,6 @@ from reliability_support import (
     FileSpy,
     TreeGuard,
     assert_one_line_error,
-    load_full,
     ort_run,
     run_script,
     save_model,
@@ -189,6 +188,20 @@ def test_existing_destination_without_overwrite_exits_7(
     guard.assert_unchanged()
 
 
+def test_leftover_data_file_without_overwrite_exits_7(
+    cli: Cli, guard: TreeGuard, tmp_path: Path
+) -> None:
+    """``o.onnx.data`` is a destination too: a leftover one is not replaced silently."""
+    src, _ = _inputs(tmp_path / "in", external=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "o.onnx.data").write_bytes(b"\xee" * 100)
+    guard.freeze()
+    result = cli("optimize", src, "-o", out / "o.onnx", "--no-latency")
+    assert_one_line_error(result, 7, "o.onnx.data", "--overwrite")
+    guard.assert_unchanged()
+
+
 def test_existing_destination_real_process(tmp_path: Path) -> None:
     src, _ = _inputs(tmp_path / "in", external=False)
     (tmp_path / "out").mkdir()
@@ -282,7 +295,7 @@ def test_same_run_twice_is_byte_identical(
 
 def test_max_memory_too_small_exits_6_nothing_written(tmp_path: Path) -> None:
     """Runs in a child process: the limit is an rlimit on the whole process."""
-    src, files = _inputs(tmp_path / "in", external=True)
+    src, _ = _inputs(tmp_path / "in", external=True)
     (tmp_path / "out").mkdir()
     guard = TreeGuard(tmp_path).freeze()
     result = run_script(

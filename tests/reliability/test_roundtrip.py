@@ -7,7 +7,7 @@ with its own initializer), an unused opset import, tensors in raw and typed enco
 external data. It goes through ``graphopt optimize --passes noop`` (``noop`` comes from
 ``plugins/noop.py``: a pass that changes nothing), verified on ONNX Runtime, and the two
 ModelProtos are compared field by field after inlining external data. Fields onnx-ir does
-not reproduce exactly are marked xfail with the reason.
+not reproduce exactly would be marked xfail with the reason (none today).
 """
 
 from __future__ import annotations
@@ -192,19 +192,10 @@ FIELDS: dict[str, Callable[[onnx.ModelProto], Any]] = {
     "whole ModelProto (exact)": lambda m: m,
 }
 
-_VALUE_INFO = (
-    "onnx-ir writes a value_info entry for every initializer (their types are known), "
-    "so a graph gets more value_info than it had; the original entries are unchanged"
-)
-_XFAIL = {
-    "graph.value_info (exact)": _VALUE_INFO,
-    "graph.node (exact)": _VALUE_INFO + " (here: the If's then_branch, which has an "
-    "initializer)",
-    "metadata_props (order)": "onnx-ir serializes string maps sorted by key "
-    "(onnx_ir.serde._serialize_string_string_maps); keys and values are unchanged",
-    "whole ModelProto (exact)": "differs exactly by the two items above: value_info for "
-    "initializers and the order of metadata_props ('normalized' compares the rest)",
-}
+# graphopt.io.restore_fidelity puts back what onnx-ir's serializer changes on its own
+# (metadata_props sorted by key; value_info added for every initializer), so every field
+# reproduces exactly.
+_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

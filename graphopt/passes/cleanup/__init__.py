@@ -1,14 +1,12 @@
 """Cleanup passes: exact, semantics-preserving simplifications run before anything else.
 
-=================================  ===========================================================
-``fold-constants``                 constant subexpressions -> initializers (exact ops only)
-``remove-identity``                Identity, inference Dropout, same-type Cast, no-op
-                                   Reshape/Transpose
-``simplify-shapes``                Shape/Size of static dims -> constants; Reshape/Expand
-                                   targets made constant
-``eliminate-common-subexpressions`` identical nodes and small initializers merged
-``eliminate-dead-code``            unused nodes and initializers removed
-=================================  ===========================================================
+* ``fold-constants``: constant subexpressions become initializers (exact ops only).
+* ``remove-identity``: Identity, inference Dropout, same-type Cast, no-op Reshape and
+  Transpose are bypassed.
+* ``simplify-shapes``: Shape/Size of static dims become constants; Reshape/Expand targets
+  built from shapes become constants.
+* ``eliminate-common-subexpressions``: identical nodes and small initializers are merged.
+* ``eliminate-dead-code``: unused nodes and initializers are removed.
 
 The ``cleanup`` pipeline runs all five to a fixed point. Every pass is in place,
 idempotent, deterministic, keeps graph input/output names, order, dtypes and dim_params,

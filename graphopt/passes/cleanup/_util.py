@@ -276,20 +276,6 @@ def new_constant_value(
     return out
 
 
-def replace_value(old: ir.Value, new: ir.Value) -> None:
-    """Points every user of ``old`` (graph outputs included) at ``new``.
-
-    When ``old`` is a graph output, ``new`` takes its name and declared type and shape, so
-    graph output names, dtypes and ``dim_param``s are unchanged. The caller guarantees that
-    ``new`` may be renamed (it is not a graph input, initializer of another name, or another
-    graph output).
-    """
-    if old.is_graph_output():
-        new.name = old.name
-        adopt_declared_type(new, old)
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-
-
 def can_take_output_name(value: ir.Value, graph: ir.Graph) -> bool:
     """Whether ``value`` may be renamed to become an output of ``graph``.
 

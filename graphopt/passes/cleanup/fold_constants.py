@@ -8,7 +8,8 @@ an *exact* rewrite (bit-identical to what ONNX Runtime computes for the unfolded
   Split, Slice, Gather*, Expand, Tile, Pad, Where, NonZero, Shape, Size, ConstantOfShape)
   copy bits; comparisons and logic produce booleans;
 * integer arithmetic is exact (division truncates toward zero as in ORT; a zero divisor
-  or ``INT_MIN / -1`` is not folded);
+  or ``INT_MIN / -1`` is not folded), and so are integer ``Range``, ``CumSum``, ``Sum``
+  and ``Reduce{Sum,Prod,Max,Min}``;
 * float32/float64 ``Add Sub Mul Div Neg Abs Sign Floor Ceil Round Min Max Mod(fmod)`` are
   single IEEE-754 correctly-rounded operations, identical in numpy and ORT (Min/Max with
   a NaN or zero input are not folded: NaN propagation and the sign of a zero result
@@ -16,6 +17,16 @@ an *exact* rewrite (bit-identical to what ONNX Runtime computes for the unfolded
 * ``Cast`` between bool, integers, float16/32/64 is exact where both sides round the same
   way: float->int only when every value is finite and in range, int->float16 only for
   |x| <= 2048, never float64->float16 (ORT may round twice), never bfloat16/float8/string.
+
+The exact set was checked bit for bit against ORT CPU (``tests/passes/
+test_cleanup_fold_constants.py``, hypothesis for float32 arithmetic and float32->float16
+casts). One residual caveat: a NaN *payload* produced from NaN constants may differ (both
+sides give a NaN); NaN-aware comparisons are unaffected.
+
+Sizes: a result is folded only if it is at most ``max_output_mb`` and, above 1 KiB, at
+most ``max_growth`` (default 1) times the bytes of the node's constant inputs, so folding
+never inflates a model (Expand/Tile/ConstantOfShape of small constants, widening Casts of
+int8/fp16 weights stay); amplifying ops are sized before anything is computed.
 
 Everything else that computes floating-point values (Exp, Tanh, Erf, Pow, Sqrt, Sigmoid,
 Softmax, reductions, MatMul, fp16/bf16 arithmetic...) can differ from ORT by an ulp or
@@ -333,6 +344,15 @@ class _Folder:
         if out_bytes > limit:
             self._skip_size(node, out_bytes, limit)
             return
+        expected = _expected_dtype(node, arrays)
+        if expected is not None and any(r.dtype != expected for r in results):
+            logger.debug(
+                "not folding %s: evaluator returned %s, ONNX says %s",
+                _util.node_path(node),
+                [str(r.dtype) for r in results],
+                expected,
+            )
+            return
         for result, out in zip(results, node.outputs):
             if out in wanted and not _matches_declared(out, result):
                 logger.warning(
@@ -401,6 +421,54 @@ def _unique_arrays(arrays: list[np.ndarray | None]) -> list[np.ndarray]:
         if a is not None:
             seen.setdefault(id(a), a)
     return list(seen.values())
+
+
+_BOOL_RESULT_OPS = frozenset(
+    {
+        "And",
+        "Equal",
+        "Greater",
+        "GreaterOrEqual",
+        "IsInf",
+        "IsNaN",
+        "Less",
+        "LessOrEqual",
+        "Not",
+        "Or",
+        "Xor",
+    }
+)
+
+
+def _expected_dtype(node: ir.Node, arrays: list[np.ndarray | None]) -> np.dtype | None:
+    """The output dtype the ONNX spec gives an exact-set op (None when not derived here).
+
+    Guards against an evaluator returning, e.g., int64 for an int32 ``Range`` when the
+    graph does not declare the output type.
+    """
+    op = node.op_type
+    if op in ("Shape", "Size", "NonZero"):
+        return np.dtype(np.int64)
+    if op in _BOOL_RESULT_OPS:
+        return np.dtype(np.bool_)
+    if op == "Cast":
+        to = node.attributes.get("to")
+        try:
+            return np.dtype(ir.DataType(to.as_int()).numpy()) if to is not None else None
+        except (TypeError, ValueError):
+            return None
+    if op == "CastLike":
+        return arrays[1].dtype if len(arrays) > 1 and arrays[1] is not None else None
+    if op == "ConstantOfShape":
+        value = node.attributes.get("value")
+        return (
+            np.dtype(value.as_tensor().dtype.numpy()) if value is not None else np.dtype(np.float32)
+        )
+    if op == "Where":
+        return arrays[1].dtype if len(arrays) > 1 and arrays[1] is not None else None
+    if op in _MOVEMENT_OPS or op in _LOGIC_OPS or op in _IEEE_OPS or op in _INT_ONLY_OPS:
+        return arrays[0].dtype if arrays and arrays[0] is not None else None
+    return None
 
 
 def _matches_declared(value: ir.Value, array: np.ndarray) -> bool:

@@ -250,7 +250,7 @@ class _Simplifier:
         self.trust_dim_params = trust_dim_params
         self.opset = _util.onnx_opset(model)
         self.as_initializer = _util.uses_initializers(model)
-        self.names = _util.NameGenerator(model)
+        self._names: _util.NameGenerator | None = None
         self.folded = 0
         self.targets = 0
 
@@ -479,7 +479,9 @@ class _Simplifier:
             )
             if new is None:
                 continue
-            name = self.names.new(f"{node.inputs[1].name or 'shape'}_static")
+            if self._names is None:  # built on first use: it walks the whole model
+                self._names = _util.NameGenerator(self.model)
+            name = self._names.new(f"{node.inputs[1].name or 'shape'}_static")
             const = _util.new_constant_value(
                 graph,
                 np.array(new, dtype=np.int64),

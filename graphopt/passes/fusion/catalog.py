@@ -1,13 +1,20 @@
 """The ordered catalog of fusion rules.
 
-Order matters: normalizations and activations first (attention patterns match over their
-fused forms), then the attention chain (SDPA -> MHA -> Attention), then generic
-rewrites. Each backend takes the rules legal for it, in this order.
+Order matters:
+
+1. ``generic.PRE_RULES``: no-op elimination and shape-chain collapse expose patterns.
+2. normalizations (LayerNorm, RMSNorm, Skip*Norm) and activations (GELU forms).
+3. ``llama``: SiLU gating, rotary/GQA shapes that onnxscript's chain does not cover.
+4. ``bert``: attention forms of other exporters, standard-op variants.
+5. ``attention``: onnxscript's chain SDPA -> MHA -> Attention / GQA.
+6. ``conv`` and ``generic``: BatchNorm folding, Conv/Gemm + activation, Gemm, Pad.
+
+Each backend takes the rules legal for it, in this order.
 """
 
 from __future__ import annotations
 
-from graphopt.passes.fusion import activation, attention, generic, normalization
+from graphopt.passes.fusion import activation, attention, bert, conv, generic, llama, normalization
 from graphopt.rewrite import Rule
 
 
@@ -17,8 +24,11 @@ def catalog() -> list[Rule]:
         *generic.PRE_RULES,
         *normalization.RULES,
         *activation.RULES,
+        *llama.RULES,
+        *bert.RULES,
         *attention.RULES,
         *generic.RULES,
+        *conv.RULES,
     ]
 
 
