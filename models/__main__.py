@@ -1,4 +1,4 @@
-"""Command line: ``python -m models build minilm|minilm-ts|digits`` and ``python -m models list``.
+"""Command line: ``python -m models build minilm|minilm-ts|digits|smollm2|smollm2-kv``, ``list``.
 
 ``build`` prints the built model's path (building only when the cache is stale);
 ``list`` prints each recipe, its cache file and whether a current build is cached.
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import digits_cnn, minilm
+from models import digits_cnn, minilm, smollm2
 from models.cache import cache_dir, is_current
 
 
@@ -51,6 +51,20 @@ RECIPES: dict[str, Recipe] = {
             lambda force: digits_cnn.build(force=force),
             digits_cnn.onnx_filename,
             digits_cnn.recipe_version,
+        ),
+        Recipe(
+            "smollm2",
+            "SmolLM2-135M-Instruct fp32 (GGUF Q4_1 dequantized), no KV cache, dynamo opset 20",
+            lambda force: smollm2.build("no-cache", force=force),
+            lambda: smollm2.onnx_filename("no-cache"),
+            lambda: smollm2.recipe_version("no-cache"),
+        ),
+        Recipe(
+            "smollm2-kv",
+            "SmolLM2-135M-Instruct fp32 decoder with past/present KV cache, dynamo opset 20",
+            lambda force: smollm2.build("kv-cache", force=force),
+            lambda: smollm2.onnx_filename("kv-cache"),
+            lambda: smollm2.recipe_version("kv-cache"),
         ),
     )
 }

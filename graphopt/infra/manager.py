@@ -143,11 +143,12 @@ class FixpointPassManager(PassManager):
         ctx: PassContext | None = None,
     ) -> None:
         super().__init__(passes, ctx)
-        self.options = options or FixpointOptions()
+        self.fixpoint_options = options or FixpointOptions()
+        self.options = self.fixpoint_options
 
     def to_text(self) -> str:
         inner = [p.to_text() for p in self.passes]
-        opts = self.options.to_text()
+        opts = self.fixpoint_options.to_text()
         if opts:
             inner.append(opts)
         return f"fixpoint({','.join(inner)})"
@@ -158,7 +159,7 @@ class FixpointPassManager(PassManager):
         preserved = PreservedAnalyses.all()
         stats: dict[str, Any] = {}
         rounds = 0
-        for rounds in range(1, self.options.max_iter + 1):
+        for rounds in range(1, self.fixpoint_options.max_iter + 1):
             result = self._run_once(model, ctx, am, prefix="fixpoint/")
             preserved = preserved.intersect(result.preserved)
             for key, value in result.stats.items():

@@ -127,7 +127,8 @@ class Options:
             if f.default is not dataclasses.MISSING:
                 default = f.default
             elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
+                factory: Any = f.default_factory
+                default = factory()
             else:
                 default = dataclasses.MISSING
             if value != default:
@@ -145,8 +146,9 @@ class Options:
         rows = []
         for f in dataclasses.fields(cls):
             default: Any = f.default
-            if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
+            factory: Any = f.default_factory
+            if default is dataclasses.MISSING and factory is not dataclasses.MISSING:
+                default = factory()
             type_name = str(hints[f.name]).replace("typing.", "")
             rows.append((f.name, type_name, _format_value(default)))
         return rows

@@ -83,7 +83,7 @@ class Pass(ir.passes.InPlacePass, Generic[O]):
     @classmethod
     def from_options(cls, values: dict[str, Any]) -> Pass[Any]:
         """Builds the pass from raw ``k=v`` values."""
-        return cls(cls.Options.parse(values, owner=cls.info.name))
+        return cls(cls.Options.parse(values, owner=cls.info.name))  # type: ignore[arg-type]
 
     def run(self, model: ir.Model, ctx: PassContext, am: AnalysisManager) -> PassResult:
         """Transforms ``model`` in place and says what changed."""
@@ -112,13 +112,13 @@ class Pass(ir.passes.InPlacePass, Generic[O]):
         return result
 
     # -- onnx-ir API -------------------------------------------------------------------
-    def requires(self, model: ir.Model) -> None:  # noqa: D102 - onnx-ir hook
+    def requires(self, model: ir.Model) -> None:
         self.check_requires(model, self.ctx or PassContext())
 
-    def ensures(self, model: ir.Model) -> None:  # noqa: D102 - onnx-ir hook
+    def ensures(self, model: ir.Model) -> None:
         self.check_ensures(model, self.ctx or PassContext())
 
-    def call(self, model: ir.Model) -> PassResult:  # noqa: D102 - onnx-ir hook
+    def call(self, model: ir.Model) -> PassResult:
         ctx = self.ctx or PassContext()
         if self._am is None:
             self._am = AnalysisManager(ctx)

@@ -129,7 +129,8 @@ def _describe_miss(rule: Rule, tracer: MatchingTracer) -> str | None:
     if best is None:
         return None
     root = best.root_node
-    where = f"node '{root.name or '?'}' ({root.op_type})"
+    label = root.name or (root.outputs[0].name if root.outputs else None) or "?"
+    where = f"node '{label}' ({root.op_type})"
     reason = best.match_result.reason or "pattern did not match"
     matched = len(best.match_result.nodes)
     kind = "check failed" if best.status == MatchStatus.CONDITION_FAILED else "no match"

@@ -2,34 +2,47 @@
 
 onnxscript's chain (``sdpa`` -> ``mha`` -> ``mha-bias`` -> ``attention``, attention.py)
 already fuses the dynamo export of a BERT encoder. The TorchScript exporter writes the same
-attention in a form the chain misses, for four reasons. Each rule here removes one of them
-by rewriting the graph into an equivalent, simpler form; the chain then fuses the result
-unchanged (there is no monolithic attention pattern here):
+attention in forms the chain misses. Each rule here removes one obstacle by rewriting the
+graph into an equivalent, simpler form; the chain then fuses the result unchanged (there is
+no monolithic attention pattern here). In catalog order (all run before the chain):
 
-1. ``bert-padding-mask``: Hugging Face's SDPA padding mask, traced into index arithmetic::
+1. ``bert-softmax-guard`` (ORT): ``Where(IsNaN(p), 0, p)`` with
+   ``p = Softmax(scores + Where(m, 0, -inf))`` zeroes rows whose keys are all masked. ORT's
+   fused attention has no such guard, so the mask's ``-inf`` becomes the lowest finite
+   float and the guard goes. Rows with at least one valid key get the same weights (every
+   masked weight is exactly 0 either way); a fully masked row (an all-zero
+   ``attention_mask`` row, i.e. an empty input) averages V instead of giving 0 — as the
+   dynamo export does — instead of turning into NaN inside ``Attention``.
+2. ``bert-padding-mask``: Hugging Face's SDPA padding mask, traced into index arithmetic::
 
        Expand(And(q >= 0, Reshape(Gather(Flatten(bool(mask)), b·T + k))), [B, -1, S, T])
 
    is ``bool(mask)[:, None, None, :]`` broadcast along the query axis. Each layer's
-   ``Add(scores, Where(that, 0, -inf))`` becomes
-   ``Add(scores, Where(Unsqueeze(bool(mask), [1, 2]), 0, -inf))``: a ``[B, 1, 1, T]``
-   bias whose shape the MHA rule can check (it needs the bias's query axis to be 1 or S).
-2. ``bert-softmax-guard`` (ORT only): ``Where(IsNaN(p), 0, p)`` with
-   ``p = Softmax(scores + Where(m, 0, -inf))`` zeroes rows whose keys are all masked. ORT's
-   fused attention has no such guard, so the mask's ``-inf`` becomes the lowest finite
-   float and the guard goes. Rows with at least one valid key get the same softmax (every
-   masked weight is exactly 0 either way); a fully masked row (an all-zero
-   ``attention_mask`` row, i.e. an empty input) averages V instead of giving 0 — what the
-   dynamo export computes — instead of turning into NaN inside ``Attention``.
-3. ``bert-head-reshape``: ``Reshape(x, Concat(dim0, dim1, [-1], [Dh]))`` whose leading
-   entries are read off a tensor with the same leading dims as ``x`` ->
-   ``Reshape(x, [0, 0, H, Dh])``: the number of heads becomes a static dim that the MHA
-   rule reads (and the Shape/Gather/Unsqueeze/Concat chain disappears).
-4. ``bert-bias-add-order`` (ORT only): ``Add(bias, MatMul(x, W))`` ->
+   ``Add(scores, Where(that, 0, neg))`` becomes
+   ``Add(scores, Where(Unsqueeze(bool(mask), [1, 2]), 0, neg))`` (one shared bias).
+3. ``bert-head-reshape``: a ``Reshape`` whose target is a ``Concat`` of dims read with
+   Shape/Gather/Unsqueeze gets a constant target: the head split
+   ``Reshape(q, Concat(B, S, [-1], [Dh]))`` becomes ``Reshape(q, [0, 0, H, Dh])`` (a
+   static head count for the MHA rule) and the TorchScript SDPA's no-op
+   ``Reshape(o, Concat(B, [-1], S, Dh))`` after attention disappears (it sits between
+   the attention and its head merge, where the MHA pattern expects nothing).
+4. ``bert-mask-broadcast`` (ORT): ``Add(scores, bias[B, 1, 1, T])`` ->
+   ``Add(scores, Expand(bias, [1, 1, S, 1]))`` with S read off the layer input. ORT's
+   MHA/Attention want the query axis in the bias; left to onnxscript's MHA rule, the
+   Expand would read the query projection, and that extra use blocks the bias and QKV
+   packing rules.
+5. ``bert-bias-add-order`` (ORT): ``Add(bias, MatMul(x, W))`` ->
    ``Add(MatMul(x, W), bias)``: the MHA-bias rule only takes the projection-first order.
+6. ``bert-skip-norm-bias`` (ORT): ``SkipLayerNormalization(Add(bias, x), skip, ...)`` ->
+   ``SkipLayerNormalization(x, skip, ..., bias)``; onnxscript's skip-norm rules only
+   absorb a bias written ``Add(x, bias)``.
 
 For targets without contrib ops, ``gelu-onnx`` turns the erf- and tanh-form GELU into the
 standard ``Gelu`` op (opset 20).
+
+The checks ask small read-only questions about values (is this ``[y.shape[i]]``, is that
+``arange(n)`` on axis k, which input dim is this output dim a copy of); matching and
+replacement are onnxscript's.
 """
 
 from __future__ import annotations
@@ -52,9 +65,16 @@ def _is_op(node: ir.Node | None, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value of a constant, or None (a graph input with a default is no constant)."""
+    if value is None or value.is_graph_input():
+        return None
+    return _ir_utils.get_numpy_value(value)
+
+
 def _ints(value: ir.Value | None) -> list[int] | None:
     """The elements of a constant integer tensor, flattened; None if not one."""
-    array = _ir_utils.get_numpy_value(value)
+    array = _constant(value)
     if array is None or array.dtype.kind not in "iu":
         return None
     return [int(v) for v in array.reshape(-1)]
@@ -89,7 +109,7 @@ def _scalar_dim(value: ir.Value | None) -> tuple[ir.Value, int] | None:
     if not _is_op(node, "Gather") or node is None or _int_attr(node, "axis", 0) != 0:
         return None
     shape = _shape_of(node.inputs[0])
-    index = _ir_utils.get_numpy_value(node.inputs[1])
+    index = _constant(node.inputs[1])
     if shape is None or index is None or index.ndim != 0 or int(index) < 0:
         return None
     y, start, end = shape
@@ -114,7 +134,7 @@ def _dim(value: ir.Value | None) -> tuple[ir.Value, int] | None:
     if not _is_op(node, "Gather") or node is None or _int_attr(node, "axis", 0) != 0:
         return None
     shape = _shape_of(node.inputs[0])
-    index = _ir_utils.get_numpy_value(node.inputs[1])
+    index = _constant(node.inputs[1])
     if shape is None or index is None or index.shape != (1,) or int(index[0]) < 0:
         return None
     y, start, end = shape
@@ -150,7 +170,15 @@ def _broadcast_source(
         if aligned < 0 or _ir_utils.get_dim(operand, aligned) == 1:
             continue  # missing or a static 1: this operand does not decide the dim
         found.append((operand, aligned))
-    return found[0] if len(found) == 1 else None
+    if not found:
+        return None
+    first = _ir_utils.get_dim(*found[0])
+    if len(found) > 1 and not all(
+        first is not None and _ir_utils.same_dim(first, _ir_utils.get_dim(*other))
+        for other in found[1:]
+    ):
+        return None  # several operands may decide it: no single source
+    return found[0]
 
 
 def _dim_step(value: ir.Value, axis: int) -> tuple[ir.Value, int] | None:
@@ -185,22 +213,18 @@ def _dim_step(value: ir.Value, axis: int) -> tuple[ir.Value, int] | None:
             return b, rank_b - 1
         if axis == rank - 2:
             return a, rank_a - 2
-        batch = _broadcast_source([_BatchView(a), _BatchView(b)], axis, rank - 2)
-        return None if batch is None else (batch[0].value, batch[1])  # type: ignore[union-attr]
+        # A batch axis broadcasts like an elementwise op over the operands' batch axes.
+        found = []
+        for operand, operand_rank in ((a, rank_a), (b, rank_b)):
+            aligned = axis - (rank - operand_rank)
+            if aligned >= 0 and _ir_utils.get_dim(operand, aligned) != 1:
+                found.append((operand, aligned))
+        return found[0] if len(found) == 1 else None
     if node.op_type == "Reshape" and _int_attr(node, "allowzero", 0) == 0:
         target = _ints(inputs[1])
         if target is not None and len(target) == rank and target[axis] == 0:
             return (inputs[0], axis) if inputs[0] is not None else None
     return None
-
-
-class _BatchView:
-    """A MatMul operand seen without its last two (matrix) axes, for batch broadcasting."""
-
-    def __init__(self, value: ir.Value) -> None:
-        self.value = value
-        rank = _rank(value)
-        self.shape = None if rank is None else ir.Shape(list(value.shape.dims[:-2]))
 
 
 def _dim_chain(value: ir.Value, axis: int) -> list[tuple[ir.Value, int]]:
@@ -275,7 +299,7 @@ def _true_ranges(value: ir.Value | None, depth: int = 0) -> list[tuple[ir.Value,
     """
     if value is None or depth > 6:
         return None
-    array = _ir_utils.get_numpy_value(value)
+    array = _constant(value)
     if array is not None:
         return [] if array.dtype == np.bool_ and bool(array.all()) else None
     node = value.producer()
@@ -335,15 +359,16 @@ def _expand_entries(shape: ir.Value | None) -> list[ir.Value] | None:
         equal = cond.producer() if cond is not None else None
         if not _is_op(equal, "Equal") or equal is None or flat is None or ones is None:
             return None
-        minus = equal.inputs[1].producer() if equal.inputs[1] is not None else None
-        if equal.inputs[0] is not flat or not _is_op(minus, "Mul") or minus is None:
+        if equal.inputs[0] is not flat or not _all_equal(ones, 1):
             return None
-        factors = list(minus.inputs)
-        if ones not in factors or not _all_equal(ones, 1):
-            return None
-        factors.remove(ones)
-        if _ints(factors[0]) != [-1]:
-            return None
+        if not _all_equal(equal.inputs[1], -1):  # folded, or Mul(ones, -1) as torch writes
+            minus = equal.inputs[1].producer() if equal.inputs[1] is not None else None
+            if not _is_op(minus, "Mul") or minus is None or ones not in minus.inputs:
+                return None
+            factors = list(minus.inputs)
+            factors.remove(ones)
+            if _ints(factors[0]) != [-1]:
+                return None
         node = flat.producer()
     if _is_op(node, "Reshape") and node is not None:
         if _ints(node.inputs[1]) != [-1] or node.inputs[0] is None:
@@ -359,7 +384,7 @@ def _expand_entries(shape: ir.Value | None) -> list[ir.Value] | None:
 
 def _single(value: ir.Value | None) -> float | None:
     """The element of a 1-element float or int constant, else None."""
-    array = _ir_utils.get_numpy_value(value)
+    array = _constant(value)
     if array is None or array.size != 1:
         return None
     return float(array.reshape(-1)[0])
@@ -398,7 +423,7 @@ class PaddingMaskRule(pattern.RewriteRuleClassBase):
 
     def __init__(self) -> None:
         super().__init__("BertPaddingMask", remove_nodes=False)
-        self._made: dict[tuple[int, bytes, bytes], ir.Value] = {}
+        self._made: dict[tuple[object, ...], ir.Value] = {}
 
     def setup(self) -> None:
         self._made = {}
@@ -443,6 +468,8 @@ class PaddingMaskRule(pattern.RewriteRuleClassBase):
         for limit, axis in ranges:
             if axis != 2 or not _same_dim(_scalar_dim(limit), scores, 2):
                 return result.fail("the query-side mask's length is not the query's", q_true)
+        if not ranges and q_shape[2] != 1 and not _same_dim((q_true, 2), scores, 2):
+            return result.fail("the query-side mask's length is not the query's", q_true)
         entries = _expand_entries(target)
         if entries is None or len(entries) != 4:
             return result.fail("Expand's target is not 4 known entries", target)
@@ -492,10 +519,14 @@ class SoftmaxGuardRule(pattern.RewriteRuleClassBase):
 
     def check(self, context, scores, zero, neg, guard, probs, **_) -> MatchResult:
         result = MatchResult()
-        rank = scores.shape.rank() if scores.shape is not None else None
-        axis = _int_attr(probs.producer(), "axis", -1)
+        rank = _rank(scores)
+        opset = context.model.opset_imports.get("", 0)
+        axis = _int_attr(probs.producer(), "axis", -1 if opset >= 13 else 1)
         if rank is None or axis is None or axis not in (-1, rank - 1):
             return result.fail("the softmax is not over the last axis", probs)
+        guard_rank = _rank(guard)
+        if guard_rank is None or guard_rank > rank:
+            return result.fail("the guard's constant would broadcast the result", guard)
         value = _single(neg)
         if value is None or value != -np.inf:
             return result.fail("the mask's fill value is not -inf", neg)
@@ -515,8 +546,66 @@ class SoftmaxGuardRule(pattern.RewriteRuleClassBase):
             lowest = np.full_like(array, np.finfo(array.dtype).min)
             bias = op.Where(m, zero, op.Constant(value=ir.tensor(lowest)))
             self._made[key] = bias
-        axis = _int_attr(probs.producer(), "axis", -1)
-        return op.Softmax(op.Add(scores, bias), axis=axis)
+        return op.Softmax(op.Add(scores, bias), axis=-1)
+
+
+class MaskQueryBroadcastRule(pattern.RewriteRuleClassBase):
+    """A ``[B, 1, 1, T]`` attention bias -> expanded along the query axis, ``[B, 1, S, T]``.
+
+    Matches ``Add(scores, bias)`` with 4-D ``scores`` and a 4-D ``bias`` whose query axis
+    (2) is a static 1. Rewrites to ``Add(scores, Expand(bias, [1, 1, S, 1]))`` with ``S``
+    read by ``Shape`` off the tensor the scores' query length is copied from (followed
+    back through the attention: MatMul, Transpose, Reshape, projections; see
+    :func:`_dim_chain`), so the sum is unchanged. ORT's MultiHeadAttention/Attention take
+    a bias with the query axis; onnxscript's MHA rule would otherwise insert a per-layer
+    Expand that reads the query projection, and that extra use blocks its Q/K/V-bias and
+    QKV-packing rules. One Expand is shared by every layer whose query length is the same
+    named dim.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("BertMaskQueryBroadcast", remove_nodes=False)
+        self._made: dict[tuple[object, ...], ir.Value] = {}
+
+    def setup(self) -> None:
+        self._made = {}
+
+    def pattern(self, op, scores, bias):
+        return op.Add(scores, bias, _outputs=["summed"])
+
+    def check(self, context, scores, bias, summed, **_) -> MatchResult:
+        result = MatchResult()
+        uses = list(summed.uses())
+        if not uses or any(not _is_op(use.node, "Softmax") for use in uses):
+            return result.fail("the sum does not feed a softmax (not attention scores)", summed)
+        if not _ir_utils.has_rank(scores, 4) or not _ir_utils.has_rank(bias, 4):
+            return result.fail("scores and bias are not both 4-D", scores)
+        if _ir_utils.get_dim(bias, 2) != 1 or _ir_utils.get_dim(bias, 3) == 1:
+            return result.fail("the bias is not [., ., 1, T]", bias)
+        if _ir_utils.get_dim(scores, 2) == 1 or _constant(bias) is not None:
+            return result.fail("nothing to broadcast, or a constant bias", bias)
+        if bias.dtype != scores.dtype or scores.dtype not in (
+            ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16
+        ):
+            return result.fail("not a floating-point attention bias", bias)
+        chain = _dim_chain(scores, 2)
+        if len(chain) < 2:
+            return result.fail("the scores' query length has no source to read", scores)
+        self._source = chain[-1]
+        return result
+
+    def rewrite(self, op, scores, bias, **_):
+        source, axis = self._source
+        dim = _ir_utils.get_dim(source, axis)
+        named = isinstance(dim, ir.SymbolicDim) and dim.value is not None
+        key = (id(bias), dim.value if named else (id(source), axis))  # type: ignore[union-attr]
+        expanded = self._made.get(key)
+        if expanded is None:
+            one = op.Constant(value_ints=[1])
+            length = op.Shape(source, start=axis, end=axis + 1)
+            expanded = op.Expand(bias, op.Concat(one, one, length, one, axis=0))
+            self._made[key] = expanded
+        return op.Add(scores, expanded)
 
 
 class HeadReshapeRule(pattern.RewriteRuleClassBase):
@@ -612,12 +701,65 @@ class BiasAddOrderRule(pattern.RewriteRuleClassBase):
 
     def check(self, context, bias, projected, **_) -> MatchResult:
         result = MatchResult()
-        if _ir_utils.get_numpy_value(bias) is None or not _ir_utils.has_rank(bias, 1):
+        if _constant(bias) is None or not _ir_utils.has_rank(bias, 1):
             return result.fail("the first operand is not a constant 1-D bias", bias)
         return result
 
     def rewrite(self, op, bias, x, w, **_):
         return op.Add(op.MatMul(x, w), bias)
+
+
+class SkipNormBiasRule(pattern.RewriteRuleClassBase):
+    """A bias Add feeding ``SkipLayerNormalization`` -> its ``bias`` input.
+
+    Matches ``SkipLayerNormalization(Add(x, bias), skip, gamma, beta)`` (the Add on either
+    of the first two inputs, its operands in either order) with a constant 1-D ``bias``
+    and no bias input yet; rewrites to ``SkipLayerNormalization(x, skip, gamma, beta,
+    bias)``. All four outputs keep their meaning (the fourth is ``x + skip + bias``).
+    onnxscript's skip-norm rules take the bias only as ``Add(x, bias)``; the TorchScript
+    exporter writes ``Add(bias, x)``.
+    """
+
+    def __init__(self, name: str, *, biased_input: int) -> None:
+        super().__init__(name)
+        self._biased_input = biased_input
+
+    def pattern(self, op, x, bias, other, gamma, beta):
+        biased = op.Add(x, bias)
+        inputs = (biased, other) if self._biased_input == 0 else (other, biased)
+        return op.SkipLayerNormalization(
+            *inputs,
+            gamma,
+            beta,
+            _domain="com.microsoft",
+            _allow_other_inputs=True,  # onnxscript's own fusion writes a None bias slot
+            _outputs=["normalized", "mean", "inv_std", "sum"],
+        )
+
+    def check(self, context, x, bias, normalized, **_) -> MatchResult:
+        result = MatchResult()
+        if _constant(bias) is None or not _ir_utils.has_rank(bias, 1):
+            return result.fail("the added operand is not a constant 1-D bias", bias)
+        hidden = _ir_utils.get_dim(x, -1)
+        if not isinstance(hidden, int) or bias.shape[0] != hidden:
+            return result.fail("the bias does not match the hidden size", bias)
+        extra = normalized.producer().inputs[4:]
+        if any(v is not None for v in extra):
+            return result.fail("the node already has a bias input", normalized)
+        return result
+
+    def rewrite(self, op, x, bias, other, gamma, beta, normalized, **_):
+        epsilon = normalized.producer().attributes.get_float("epsilon", None)
+        return op.SkipLayerNormalization(
+            x,
+            other,
+            gamma,
+            beta,
+            bias,
+            epsilon=epsilon,
+            _domain="com.microsoft",
+            _outputs=4,
+        )
 
 
 # --------------------------------------------------------------------------- GELU
@@ -658,19 +800,19 @@ _STANDARD_ONLY = STANDARD_TARGETS - ORT_TARGETS
 #: Rules of this module, in application order (see catalog.py for where they run).
 RULES: list[Rule] = [
     Rule(
+        "bert-softmax-guard",
+        "Where(IsNaN(softmax of -inf-masked scores), 0, .) -> softmax with the lowest float",
+        lambda: pattern.RewriteRuleSet([SoftmaxGuardRule.rule()], commute=True),
+        ORT_TARGETS,
+        group="attention",
+    ),
+    Rule(
         "bert-padding-mask",
         "traced Hugging Face SDPA padding mask (index Gather) -> Unsqueeze(mask, [1, 2])",
         lambda: pattern.RewriteRuleSet([PaddingMaskRule.rule()], commute=True),
         STANDARD_TARGETS,
         group="attention",
         shape_inference=True,
-    ),
-    Rule(
-        "bert-softmax-guard",
-        "Where(IsNaN(softmax of -inf-masked scores), 0, .) -> softmax with the lowest float",
-        lambda: pattern.RewriteRuleSet([SoftmaxGuardRule.rule()], commute=True),
-        ORT_TARGETS,
-        group="attention",
     ),
     Rule(
         "bert-head-reshape",
@@ -681,11 +823,32 @@ RULES: list[Rule] = [
         shape_inference=True,
     ),
     Rule(
+        "bert-mask-broadcast",
+        "Add(scores, bias [B,1,1,T]) -> Add(scores, Expand(bias, [1,1,S,1])) (ORT's bias form)",
+        lambda: pattern.RewriteRuleSet([MaskQueryBroadcastRule.rule()], commute=True),
+        ORT_TARGETS,
+        group="attention",
+        shape_inference=True,
+    ),
+    Rule(
         "bert-bias-add-order",
         "Add(bias, MatMul(x, W)) -> Add(MatMul(x, W), bias) (the attention rules' order)",
         lambda: [BiasAddOrderRule.rule()],
         ORT_TARGETS,
         group="attention",
+    ),
+    Rule(
+        "bert-skip-norm-bias",
+        "SkipLayerNormalization(Add(bias, x), skip, ...) -> SkipLayerNormalization(x, skip, ..., bias)",
+        lambda: pattern.RewriteRuleSet(
+            [
+                SkipNormBiasRule.rule("SkipNormBiasOnInput", biased_input=0),
+                SkipNormBiasRule.rule("SkipNormBiasOnSkip", biased_input=1),
+            ],
+            commute=True,
+        ),
+        ORT_TARGETS,
+        group="normalization",
     ),
     Rule(
         "gelu-onnx",

@@ -125,6 +125,9 @@ class FusePass(Pass[FuseOptions]):
             if this_round.total == 0:
                 break
         inlined = _finalize_scratch_functions(model)
+        if report.total:
+            # Rewrites may leave Identity nodes behind (rule replacements that forward a value).
+            ir_common.IdentityEliminationPass()(model)
         stats: dict[str, object] = {"fusions": report.total, "rules": report.counts()}
         if inlined:
             stats["scratch_functions_inlined"] = inlined

@@ -9,23 +9,30 @@ and additions of identity constants removed.
 
 from __future__ import annotations
 
-from onnxscript.rewriter import rules as _unused  # noqa: F401  (ensures the package loads)
+from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules import common as c
 
+from graphopt.passes.fusion.gemm import matmul_add_to_gemm_rules
 from graphopt.rewrite import STANDARD_TARGETS, Rule
 
 #: Applied before every other fusion: they expose the patterns the others match.
 PRE_RULES: list[Rule] = [
     Rule(
         "no-op-elimination",
-        "x*1, x/1, x+0, x-0, Cast to the same type, Expand/Transpose that change nothing",
-        lambda: [c.mul_by_1_rule, c.div_by_1_rule, c.add_0_rule, c.sub_0_rule,
-                 c.no_op_cast_rule, c.no_op_expand_rule, c.no_op_transpose_rule],
+        "x*1, x/1, x+0, x-0 (either order), same-type Cast, no-op Expand/Transpose, "
+        "inference Dropout",
+        lambda: RewriteRuleSet(
+            [c.mul_by_1_rule, c.div_by_1_rule, c.add_0_rule, c.sub_0_rule,
+             c.no_op_cast_rule, c.no_op_expand_rule, c.no_op_transpose_rule,
+             c.dropout_inference_rule, c.dropout_zero_rule],
+            commute=True,
+        ),
         STANDARD_TARGETS,
     ),
     Rule(
         "shape-chain-collapse",
-        "Transpose∘Transpose, Reshape∘Reshape, Unsqueeze∘Unsqueeze, Cast∘Cast, Slice chains",
+        "Transpose∘Transpose, Reshape∘Reshape, Unsqueeze∘Unsqueeze, X->float->half Cast "
+        "pairs, Slices that keep a whole axis",
         lambda: [c.transpose_transpose_rule, c.reshape_reshape_rule,
                  c.unsqueeze_unsqueeze_rule, c.cast_cast_rule, c.collapse_slice_rule,
                  c.collapse_slice2_rule],
@@ -49,9 +56,8 @@ RULES: list[Rule] = [
     ),
     Rule(
         "matmul-add-to-gemm",
-        "2-D MatMul (optionally with transposed operands) + Add of a bias -> Gemm",
-        lambda: [c.matmul_add_to_gemm_rule, c.transpose_a_matmul_add_to_gemm_rule,
-                 c.transpose_b_matmul_add_to_gemm_rule, c.transpose_ab_matmul_add_to_gemm_rule],
+        "2-D MatMul (Transpose -> transA/transB) + Add of a bias that broadcasts -> Gemm",
+        matmul_add_to_gemm_rules,
         STANDARD_TARGETS,
     ),
     Rule(

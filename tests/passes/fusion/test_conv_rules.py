@@ -165,8 +165,10 @@ g (float[2,3,8,8] x) => (float[2,4,8,8] y) {
 
 
 def _conv_mul_add(**over: np.ndarray) -> onnx.ModelProto:
-    init = dict(w=weights(4, 3, 3, 3), b=weights(4, seed=1), s=positive(1, 4, 1, 1, seed=2),
-                t=weights(4, 1, 1, seed=3))
+    init = {
+        "w": weights(4, 3, 3, 3), "b": weights(4, seed=1), "s": positive(1, 4, 1, 1, seed=2),
+        "t": weights(4, 1, 1, seed=3),
+    }
     init.update(over)
     return make_model(CONV_MUL_ADD, **init)
 
@@ -264,8 +266,8 @@ def test_conv_fold_keeps_a_shared_weight_intact(tmp_path: Path) -> None:
     fused = fuse(before, ["conv-scale-bias-folding"])
     assert fused.ops == ["Conv", "Conv"]
     convs = fused.nodes("Conv")
-    untouched = [c for c in convs if c.outputs[0].name == "z"][0]
-    folded = [c for c in convs if c.outputs[0].name == "y"][0]
+    untouched = next(c for c in convs if c.outputs[0].name == "z")
+    folded = next(c for c in convs if c.outputs[0].name == "y")
     np.testing.assert_array_equal(fused.initializer(untouched.inputs[1].name), weights(4, 3, 3, 3))
     np.testing.assert_array_equal(fused.initializer(untouched.inputs[2].name), weights(4, seed=1))
     assert folded.inputs[1] is not untouched.inputs[1]
@@ -289,6 +291,43 @@ def test_conv_fold_when_both_users_of_a_shared_weight_fold(tmp_path: Path) -> No
     assert fused.ops == ["Conv", "Conv"]
     w1, w2 = (c.inputs[1].name for c in fused.nodes("Conv"))
     assert w1 != w2
+    assert_equivalent(before, fused, tmp_path)
+
+
+def test_conv_fold_inside_an_if_branch(tmp_path: Path) -> None:
+    before = make_model(
+        """
+        g (float[1,3,6,6] x, bool cond) => (float[1,4,4,4] y) {
+          y = If (cond) <
+            then_branch = t () => (float[1,4,4,4] yt) { c = Conv(x, w, b)  yt = Mul(c, s) },
+            else_branch = e () => (float[1,4,4,4] ye) { ye = Conv(x, w, b) }
+          >
+        }
+        """,
+        w=weights(4, 3, 3, 3), b=weights(4, seed=1), s=positive(4, 1, 1, seed=2),
+    )
+    fused = fuse(before, ["conv-scale-bias-folding"])
+    assert fused.counts["conv-scale-bias-folding"] == 1
+    then_branch = fused.node("If").attributes["then_branch"].value
+    assert op_types(then_branch) == ["Conv"]
+    for cond in (True, False):
+        feed = {"x": weights(1, 3, 6, 6, seed=5), "cond": np.array(cond)}
+        assert_equivalent(before, fused, tmp_path, [feed])
+
+
+def test_matmul_fold_with_a_constant_node_weight(tmp_path: Path) -> None:
+    before = make_model(
+        """
+        g (float[3,2] x) => (float[3,2] y) {
+          w = Constant <value = float[2,2] {0.5, -1.25, 2.0, 0.75}> ()
+          m = MatMul(x, w)
+          y = Mul(m, s)
+        }
+        """,
+        s=positive(2, seed=1),
+    )
+    fused = fuse(before, ["matmul-scale-folding"], prepare=False)
+    assert fused.ops == ["MatMul"]
     assert_equivalent(before, fused, tmp_path)
 
 
@@ -427,17 +466,17 @@ def test_matmul_fold_keeps_tied_weight(tmp_path: Path) -> None:
     )
     fused = fuse(before, ["matmul-scale-folding"])
     assert fused.ops == ["MatMul", "MatMul"]
-    plain = [n for n in fused.nodes("MatMul") if n.outputs[0].name == "z"][0]
+    plain = next(n for n in fused.nodes("MatMul") if n.outputs[0].name == "z")
     np.testing.assert_array_equal(fused.initializer(plain.inputs[1].name), weights(5, 4))
     assert_equivalent(before, fused, tmp_path)
 
 
 # --------------------------------------------------------------------------- matmul-batchnorm
 
-BN_INIT = dict(
-    gamma=positive(4, seed=11), beta=weights(4, seed=12), mean=weights(4, seed=13),
-    var=positive(4, seed=14),
-)
+BN_INIT = {
+    "gamma": positive(4, seed=11), "beta": weights(4, seed=12), "mean": weights(4, seed=13),
+    "var": positive(4, seed=14),
+}
 
 
 def test_matmul_batchnorm_2d(tmp_path: Path) -> None:
