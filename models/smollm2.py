@@ -14,14 +14,16 @@ eager attention, so attention stays decomposed (``MatMul``/``Softmax``, rotary a
 
     no-cache:  input_ids, attention_mask : int64 [batch, sequence]
                  -> logits : float32 [batch, sequence, 49152]
-    kv-cache:  input_ids, position_ids : int64 [batch, sequence]
+    kv-cache:  input_ids : int64 [batch, sequence]
                attention_mask : int64 [batch, total_sequence]
+               position_ids : int64 [batch, sequence]
                past_key_values.{i}.key / .value : float32 [batch, 3, past_sequence, 64]
                  -> logits : float32 [batch, sequence, 49152]
                     present.{i}.key / .value : float32 [batch, 3, total_sequence, 64]
 
-with ``i`` in ``0..29`` and ``total_sequence = past_sequence + sequence``. A prefill feeds
-past tensors with ``past_sequence = 0``. The TorchScript exporter cannot export this
+with ``i`` in ``0..29`` and ``total_sequence = past_sequence + sequence`` (the caller keeps
+``attention_mask`` and ``position_ids`` consistent with the cache; :class:`KVDecoder` does).
+A prefill feeds past tensors with ``past_sequence = 0``. The TorchScript exporter cannot export this
 transformers version's mask code (``aten::diff``), hence dynamo only.
 
 Weight names are stable and follow Hugging Face: the tied table is
@@ -30,11 +32,12 @@ Weight names are stable and follow Hugging Face: the tied table is
 ``Linear`` weight pre-transposed as the ``MatMul`` right operand ``[in, out]``, named
 ``<hf name>.T`` (e.g. ``model.layers.0.self_attn.q_proj.weight.T``).
 
-Text data: ``data/prose.txt`` holds original English prose (essays and stories, about
-8.8k words, 10.3k tokens). :func:`load_prose_tokens` tokenizes it with the GGUF's
-tokenizer, no special tokens added. The first :data:`CALIBRATION_FRACTION` of the token
-stream is the calibration part (:func:`calibration_windows`); the rest is the evaluation
-part (:func:`evaluation_tokens`, used by :func:`perplexity`). They never overlap.
+Text data: ``data/prose.txt`` holds original English prose (eight essays and stories,
+about 8.8k words, 10,298 tokens). :func:`load_prose_tokens` tokenizes it with the GGUF's
+tokenizer, no special tokens added. The first :data:`CALIBRATION_FRACTION` (20%) of the
+token stream is the calibration part (2,059 tokens, :func:`calibration_windows`); the rest
+is the evaluation part (8,239 tokens, :func:`evaluation_tokens`, used by :func:`perplexity`:
+32 windows of 256, 8,160 predicted tokens). They never overlap.
 
 Torch and transformers are imported only to build; the data, perplexity and decoding
 helpers need numpy, ``tokenizers`` and onnxruntime (the tokenizer is cached as

@@ -102,10 +102,14 @@ class QuantDType(enum.Enum):
             return cls(text)
         except ValueError:
             known = "|".join(d.value for d in cls)
-            raise UsageError(f"unknown quantization dtype {text!r}; expected one of {known}") from None
+            raise UsageError(
+                f"unknown quantization dtype {text!r}; expected one of {known}"
+            ) from None
 
 
-def quant_range(dtype: QuantDType, *, reduce_range: bool = False, narrow: bool = False) -> tuple[int, int]:
+def quant_range(
+    dtype: QuantDType, *, reduce_range: bool = False, narrow: bool = False
+) -> tuple[int, int]:
     """The codes ``[qmin, qmax]`` a tensor of ``dtype`` may use.
 
     Args:

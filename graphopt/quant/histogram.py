@@ -6,6 +6,9 @@ How the approximation works
   first batch sets ``[lo, hi]`` to its own ``[min, max]``; a batch with a single value
   (or all zeros) is held as a *point* (``lo == hi``, all mass in bin 0) until a batch with
   another value arrives, at which point it is placed exactly.
+* **Two passes.** Widening costs resolution (a stream whose range grows 16x ends with
+  16x coarser bins). ``initial_range`` (see ``HistogramObserver.second_pass``) starts
+  the grid at a known range, as ONNX Runtime's two-pass calibration does.
 * **Widening.** When a batch falls outside ``[lo, hi]`` the bin width is multiplied by
   ``2**k`` (smallest ``k >= 1`` that covers the batch) and the grid is shifted by a whole
   number of old bins, so every old bin lies inside exactly one new bin: old counts are
@@ -107,10 +110,17 @@ class Histogram:
         num_bins: Number of bins (at least 2).
         outlier_gap: Empty binary octaves that separate outliers from the bulk; ``None``
             bins everything.
+        initial_range: Start with this grid instead of the first batch's range (a second
+            pass over the same data with the first pass's binned range never widens, so
+            it keeps the full resolution).
     """
 
     def __init__(
-        self, num_bins: int = 2048, *, outlier_gap: int | None = DEFAULT_OUTLIER_GAP
+        self,
+        num_bins: int = 2048,
+        *,
+        outlier_gap: int | None = DEFAULT_OUTLIER_GAP,
+        initial_range: tuple[float, float] | None = None,
     ) -> None:
         if num_bins < 2:
             raise ValueError(f"Histogram needs at least 2 bins, got {num_bins}")
@@ -121,6 +131,12 @@ class Histogram:
         self._counts: IntArray = np.zeros(self.num_bins, dtype=np.int64)
         self._lo = math.nan
         self._hi = math.nan
+        if initial_range is not None:
+            lo, hi = float(initial_range[0]), float(initial_range[1])
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ValueError(f"initial_range {initial_range} is not a finite [lo, hi]")
+            if lo < hi:
+                self._lo, self._hi = lo, hi
         self._bmin = math.inf
         self._bmax = -math.inf
         self.zeros = 0
@@ -232,8 +248,10 @@ class Histogram:
         return _power_of_two(int(clusters[bulk][-1]) - 1022)
 
     def _add_binned(self, flat: FloatArray, vmin: float, vmax: float) -> None:
-        if self.binned_count == 0:
+        if self.binned_count == 0 and not self._lo < self._hi:
             self._lo, self._hi = vmin, vmax
+        elif self.binned_count == 0 and (vmin < self._lo or vmax > self._hi):
+            self._widen(vmin, vmax)
         elif self._lo == self._hi and not (vmin == vmax == self._lo):
             point, mass = self._lo, int(self._counts[0])
             self._counts[:] = 0
@@ -299,7 +317,9 @@ class Histogram:
             ValueError: The bin counts differ.
         """
         if other.num_bins != self.num_bins:
-            raise ValueError(f"cannot merge histograms of {self.num_bins} and {other.num_bins} bins")
+            raise ValueError(
+                f"cannot merge histograms of {self.num_bins} and {other.num_bins} bins"
+            )
         zeros = self.zeros + other.zeros
         self._merge_bins(other)
         self.zeros = zeros

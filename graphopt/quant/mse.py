@@ -72,9 +72,7 @@ def _error(
     return float(np.sum(weights * (points - approx) ** 2))
 
 
-def _search_1d(
-    start: float, stop: float, num: int, cost: Callable[[float], float]
-) -> float:
+def _search_1d(start: float, stop: float, num: int, cost: Callable[[float], float]) -> float:
     """Minimises ``cost`` over ``(start, stop]``: a grid, then a finer grid near the best."""
     if not stop > start:
         return stop

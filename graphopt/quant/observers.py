@@ -36,6 +36,7 @@ caller's, or the count of earlier updates) and the observer. An empty array is i
 from __future__ import annotations
 
 import abc
+import copy
 import difflib
 import math
 from typing import Any, ClassVar
@@ -268,6 +269,30 @@ class HistogramObserver(Observer):
     ) -> None:
         super().__init__(value_name=value_name)
         self.histogram = Histogram(num_bins, outlier_gap=outlier_gap)
+
+    def second_pass(self) -> HistogramObserver:
+        """A fresh observer with the same settings whose grid starts at this one's range.
+
+        Run the calibration data through it again: its bins are never widened, so the
+        range it chooses uses the histogram's full resolution (two-pass calibration).
+
+        Returns:
+            A new, empty observer of the same class and settings.
+
+        Raises:
+            CalibrationError: This observer has seen no data.
+        """
+        if self.histogram.total == 0:
+            raise self._no_data()
+        fresh = copy.copy(self)
+        fresh.num_updates = 0
+        hist = self.histogram
+        fresh.histogram = Histogram(
+            hist.num_bins,
+            outlier_gap=hist.outlier_gap,
+            initial_range=(hist.binned_min, hist.binned_max) if hist.binned_count else None,
+        )
+        return fresh
 
     def _observe(self, arr: RealArray, lo: float, hi: float, sample: int) -> None:
         self.histogram.add(arr, lo, hi)

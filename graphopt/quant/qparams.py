@@ -236,7 +236,9 @@ def _fit_float32(
             break
         scale = np.where(overflow, np.nextafter(scale, np.float32(0)), scale).astype(np.float32)
         if not spec.symmetric:
-            fresh = np.clip(np.rint(spec.qmin - lo0 / scale.astype(np.float64)), spec.qmin, spec.qmax)
+            fresh = np.clip(
+                np.rint(spec.qmin - lo0 / scale.astype(np.float64)), spec.qmin, spec.qmax
+            )
             zp = np.where(overflow & (lo0 != 0), fresh, zp)
     return scale, zp
 

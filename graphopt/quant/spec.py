@@ -122,9 +122,7 @@ class QuantSpec:
         """
         parts = text.strip().split(":")
         if len(parts) < 3:
-            raise UsageError(
-                f"quantization spec {text!r} needs <dtype>:<sym|asym>:<tensor|axisN>"
-            )
+            raise UsageError(f"quantization spec {text!r} needs <dtype>:<sym|asym>:<tensor|axisN>")
         dtype = QuantDType.parse(parts[0])
         if parts[1] not in ("sym", "asym"):
             raise UsageError(f"quantization spec {text!r}: {parts[1]!r} is not sym or asym")

@@ -68,7 +68,9 @@ def test_rebinning_is_exact_for_old_bins() -> None:
     shifts=st.lists(st.floats(-1e3, 1e3), min_size=12, max_size=12),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_counts_are_exact_under_any_stream(scales: list[float], shifts: list[float], seed: int) -> None:
+def test_counts_are_exact_under_any_stream(
+    scales: list[float], shifts: list[float], seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     batches = [rng.standard_normal(rng.integers(1, 300)) * s + m for s, m in zip(scales, shifts)]
     hist = Histogram(64)
@@ -233,6 +235,22 @@ def test_state_bytes_and_memory_are_constant() -> None:
     tracemalloc.stop()
     assert hist.state_bytes() == bytes_16
     assert grown < 4096
+
+
+def test_initial_range() -> None:
+    hist = Histogram(100, initial_range=(-1.0, 1.0))
+    _feed(hist, [np.array([0.0, 0.5])])
+    assert (hist.lo, hist.hi) == (-1.0, 1.0) and hist.counts[75] == 1
+    _feed(hist, [np.array([3.0])])
+    assert hist.hi >= 3.0 and hist.total == 3
+    point = Histogram(10, initial_range=(2.0, 2.0))  # degenerate: ignored
+    _feed(point, [np.array([1.0, 5.0])])
+    assert (point.lo, point.hi) == (1.0, 5.0)
+    outside = Histogram(10, initial_range=(0.0, 1.0))
+    _feed(outside, [np.array([5.0, 6.0])])
+    assert outside.lo <= 5.0 and outside.hi >= 6.0 and outside.total == 2
+    with pytest.raises(ValueError, match="initial_range"):
+        Histogram(10, initial_range=(1.0, 0.0))
 
 
 def test_bad_arguments() -> None:

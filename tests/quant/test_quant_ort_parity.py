@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def _session(op: str, opset: int, x: np.ndarray, qp: QParams, axis: int | None) -> Any:
-    in_type = TensorProto.FLOAT if op == "QuantizeLinear" else helper.np_dtype_to_tensor_dtype(x.dtype)
+    in_type = (
+        TensorProto.FLOAT if op == "QuantizeLinear" else helper.np_dtype_to_tensor_dtype(x.dtype)
+    )
     out_type = (
         helper.np_dtype_to_tensor_dtype(qp.zero_point.dtype)
         if op == "QuantizeLinear"
@@ -51,11 +53,10 @@ def _data(rng: np.random.Generator, shape: tuple[int, ...], lo: float, hi: float
     return x
 
 
-CASES = [
-    (opset, dtype)
-    for opset in (13, 19, 21)
-    for dtype in (QuantDType.U8, QuantDType.S8)
-] + [(21, QuantDType.U16), (21, QuantDType.S16)]
+CASES = [(opset, dtype) for opset in (13, 19, 21) for dtype in (QuantDType.U8, QuantDType.S8)] + [
+    (21, QuantDType.U16),
+    (21, QuantDType.S16),
+]
 
 
 @pytest.mark.parametrize(("opset", "dtype"), CASES)
@@ -82,9 +83,12 @@ def test_per_channel_bit_identical(opset: int, dtype: QuantDType, axis: int) -> 
     rng = np.random.default_rng(opset + axis)
     spec = QuantSpec(dtype, symmetric=dtype.signed, per_channel=True, axis=axis)
     shape = (16, 24, 5)
-    x = (rng.standard_normal(shape) * rng.uniform(1e-3, 1e2, size=shape[axis]).reshape(
-        [-1 if i == axis else 1 for i in range(3)]
-    )).astype(np.float32)
+    x = (
+        rng.standard_normal(shape)
+        * rng.uniform(1e-3, 1e2, size=shape[axis]).reshape(
+            [-1 if i == axis else 1 for i in range(3)]
+        )
+    ).astype(np.float32)
     others = tuple(i for i in range(3) if i != axis)
     lo, hi = x.min(axis=others) * 0.8, x.max(axis=others) * 0.8  # some values saturate
     qp = compute_qparams(lo, hi, spec)

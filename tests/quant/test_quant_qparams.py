@@ -95,7 +95,9 @@ def test_properties_per_tensor(a: float, b: float, spec: QuantSpec, seed: int) -
     inside = np.clip(inside, wlo, whi).astype(np.float32)
     inside = np.concatenate([inside, np.float32([lo, hi, wlo, whi, 0.0])])
     beyond = np.clip([whi * 1.5, wlo * 1.5], -3.4e38, 3.4e38)
-    outside = np.concatenate([np.float32([np.inf, -np.inf, 3.4e38, -3.4e38]), beyond.astype(np.float32)])
+    outside = np.concatenate(
+        [np.float32([np.inf, -np.inf, 3.4e38, -3.4e38]), beyond.astype(np.float32)]
+    )
 
     codes = quantize(np.concatenate([inside, outside]), qp, spec)
     assert codes.dtype == spec.dtype.numpy_dtype
@@ -105,20 +107,20 @@ def test_properties_per_tensor(a: float, b: float, spec: QuantSpec, seed: int) -
     back = dequantize(quantize(inside, qp, spec), qp).astype(np.float64)
     err = np.abs(back - inside.astype(np.float64))
     slack = scale * 1e-6 * (spec.qmax - spec.qmin) + 1e-6 * np.abs(inside)
-    zp = float(qp.zero_point)
-    if (spec.qmax - zp) * scale < whi * (1 - 1e-6) or (spec.qmin - zp) * scale > wlo * (1 - 1e-6):
+    if max(abs(wlo), abs(whi)) > 1.6e38:
         # Documented cap near the float32 limit: values past the last level saturate.
-        inside = inside[(inside <= (spec.qmax - zp) * scale) & (inside >= (spec.qmin - zp) * scale)]
-        back = dequantize(quantize(inside, qp, spec), qp).astype(np.float64)
-        err = np.abs(back - inside.astype(np.float64))
-        slack = scale * 1e-6 * (spec.qmax - spec.qmin) + 1e-6 * np.abs(inside)
-        assert abs(whi) > 1.6e38 or abs(wlo) > 1.6e38
+        zp = float(qp.zero_point)
+        top, bottom = (spec.qmax - zp) * scale, (spec.qmin - zp) * scale
+        keep = (inside <= top) & (inside >= bottom)
+        err, slack = err[keep], slack[keep]
     assert (err <= 0.5 * scale + slack).all(), (lo, hi, spec, scale, err.max())
 
 
 @settings(max_examples=200, deadline=None)
-@given(c=st.one_of(finite32, st.sampled_from([0.0, -0.0, 0.1, -0.3, 1e-12, 3.4e38, -3.4e38])),
-       spec=tensor_specs())
+@given(
+    c=st.one_of(finite32, st.sampled_from([0.0, -0.0, 0.1, -0.3, 1e-12, 3.4e38, -3.4e38])),
+    spec=tensor_specs(),
+)
 def test_constant_range_round_trips_exactly(c: float, spec: QuantSpec) -> None:
     c32 = float(np.float32(c))
     qp = compute_qparams(c32, c32, spec, value_name="const")
@@ -128,8 +130,8 @@ def test_constant_range_round_trips_exactly(c: float, spec: QuantSpec) -> None:
         assert float(back) == c32
     elif abs(c32) < MIN_SCALE:
         assert abs(float(back) - c32) <= MIN_SCALE / 2
-    else:  # symmetric beyond 1.7e38: the scale is capped, the error is within a half step
-        assert abs(float(back) - c32) <= 0.5 * float(qp.scale) * (1 + 1e-6)
+    else:  # symmetric beyond 1.7e38: the scale is capped and c may saturate
+        assert abs(float(back) - c32) <= float(qp.scale) * (1 + 1e-6)
     extremes = dequantize(np.array([spec.qmin, spec.qmax], spec.dtype.numpy_dtype), qp)
     assert np.isfinite(extremes).all()
     if c32 == 0.0:

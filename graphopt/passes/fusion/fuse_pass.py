@@ -15,6 +15,9 @@ from graphopt.infra.analysis import AnalysisManager, PreservedAnalyses
 from graphopt.infra.context import PassContext
 from graphopt.infra.options import Options
 from graphopt.infra.pass_base import Pass, PassInfo, PassResult
+from graphopt.passes.cleanup.dead_code import EliminateDeadCodePass
+from graphopt.passes.cleanup.fold_constants import FoldConstantsPass
+from graphopt.passes.cleanup.identity import RemoveIdentityPass
 from graphopt.passes.fusion.catalog import catalog, rule_names
 from graphopt.rewrite import RewriteReport, apply_rules
 
@@ -55,11 +58,10 @@ class FuseOptions(Options):
 def _finalize_scratch_functions(model: ir.Model) -> int:
     """Inlines onnxscript's intermediate fusion functions that no later rule consumed."""
     scratch = [k for k, f in model.functions.items() if f.domain == FUSION_SCRATCH_DOMAIN]
-    if not scratch:
-        return 0
-    ir_common.InlinePass(criteria=lambda f: f.domain == FUSION_SCRATCH_DOMAIN)(model)
-    for key in scratch:
-        model.functions.pop(key, None)
+    if scratch:
+        ir_common.InlinePass(criteria=lambda f: f.domain == FUSION_SCRATCH_DOMAIN)(model)
+        for key in scratch:
+            model.functions.pop(key, None)
     still_used = any(
         n.domain == FUSION_SCRATCH_DOMAIN for n in ir.traversal.RecursiveGraphIterator(model.graph)
     )
@@ -126,8 +128,10 @@ class FusePass(Pass[FuseOptions]):
                 break
         inlined = _finalize_scratch_functions(model)
         if report.total:
-            # Rewrites may leave Identity nodes behind (rule replacements that forward a value).
-            ir_common.IdentityEliminationPass()(model)
+            # Rewrites leave Identity nodes and constant subgraphs behind (e.g. Q/K/V weights
+            # packed by a runtime Concat); fold them exactly and drop what became dead.
+            for tidy in (RemoveIdentityPass(), FoldConstantsPass(), EliminateDeadCodePass()):
+                tidy.run_with(model, ctx, am)
         stats: dict[str, object] = {"fusions": report.total, "rules": report.counts()}
         if inlined:
             stats["scratch_functions_inlined"] = inlined

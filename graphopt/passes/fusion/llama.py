@@ -142,6 +142,60 @@ def _slice_steps_ok(rotated: ir.Value) -> bool:
     return True
 
 
+def _check_repeat(
+    expanded: ir.Value, repeated: ir.Value, kv_heads: int, group: int, head: int
+) -> str | None:
+    """Why ``Reshape(Expand(Unsqueeze(kv, 2), s), t)`` is not the repetition of each of
+    ``kv_heads`` heads ``group`` times (None if it is).
+
+    ``kv`` is known to be ``[B, Hkv, T, Dh]``. Read from the inferred shapes
+    (``[B, Hkv, G, T, Dh]`` then ``[B, Hkv·G, T, Dh]``) or, where those are unknown, from
+    constant targets (``s = [1|B, 1|Hkv, G, 1|T, 1|Dh]``, ``t = [0|B, Hkv·G, -1|T, Dh]``).
+    """
+    unsqueezed = expanded.producer().inputs[0]
+    source = _dims(unsqueezed)
+    if source is None or len(source) != 5:
+        return "the unsqueezed KV is not 5-D"
+    want = (source[0], kv_heads, group, source[3], head)
+    dims = _dims(expanded)
+    if dims is None or len(dims) != 5 or any(
+        isinstance(w, int) and d != w for d, w in zip(dims, want)
+    ) or dims[2] != group:
+        target = _ints(expanded.producer().inputs[1])
+        if target is None or len(target) != 5 or target[2] != group:
+            return f"KV heads are not expanded to [B, {kv_heads}, {group}, T, Dh]"
+        if any(t not in (1, w) for t, w in zip(target, want) if isinstance(w, int)):
+            return f"KV heads are not expanded to [B, {kv_heads}, {group}, T, Dh]"
+    heads = kv_heads * group
+    rdims = _dims(repeated)
+    if rdims is not None and len(rdims) == 4 and rdims[1] == heads and rdims[3] == head:
+        if rdims[0] == source[0] and rdims[2] == source[3]:
+            return None
+    target = _ints(repeated.producer().inputs[1])
+    reshape = repeated.producer()
+    if target is None or len(target) != 4 or _attr_int(reshape, "allowzero", 0) != 0:
+        return f"repeated KV is not [B, {heads}, T, Dh]"
+    if target[1] != heads or target[3] != head or target[0] not in (0, source[0]):
+        return f"repeated KV is not [B, {heads}, T, Dh]"
+    if target[2] not in (-1, source[3]):
+        return f"repeated KV is not [B, {heads}, T, Dh]"
+    return None
+
+
+def _merges_heads(out: ir.Value, batch: object, width: int) -> bool:
+    """Whether ``out = Reshape([B, S, H, Dh])`` is ``[B, S, H·Dh]``: by its inferred shape
+    (rank 3, ``B`` first, ``H·Dh`` last, so the middle is S) or a constant target
+    ``[0|B, 0, H·Dh|-1]``."""
+    dims = _dims(out)
+    if dims is not None and len(dims) == 3 and dims[2] == width and dims[0] == batch:
+        return True
+    reshape = out.producer()
+    target = _ints(reshape.inputs[1]) if reshape is not None else None
+    if target is None or len(target) != 3 or _attr_int(reshape, "allowzero", 0) != 0:
+        return False
+    return target[0] in (0, batch) and target[1] == 0 and target[2] in (width, -1)
+
+
 # --------------------------------------------------------------------------- SiLU
 
 
@@ -299,7 +353,9 @@ class RotaryOnnxRule(pattern.RewriteRuleClassBase):
 
     onnxscript's RotaryEmbedding23 rule with the rotate_half slices checked for unit steps
     and the Unsqueeze axes given as a constant; the per-token cos/sin ``[B, S, Dh/2]`` feed
-    the op directly (no position ids).
+    the op directly (no position ids). Frequencies computed once for all rows (``[1, S,
+    Dh/2]``, the no-cache export) are expanded to the batch first: the op takes no
+    broadcast caches (onnxscript's rule passes them as they are, which fails for B > 1).
     """
 
     def __init__(self) -> None:
@@ -334,6 +390,10 @@ class RotaryOnnxRule(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, freqs, **_):
+        # the op wants per-batch caches [B, S, Dh/2]; the export's freqs may be [1, S, Dh/2]
+        if _dims(freqs)[0] != x.shape[0]:
+            shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(freqs, start=1), axis=0)
+            freqs = op.Expand(freqs, shape)
         return op.RotaryEmbedding(
             x, op.Cos(freqs), op.Sin(freqs), interleaved=0, num_heads=x.shape[1]
         )
@@ -435,18 +495,11 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         if _ints(k_axes) != [2] or _ints(v_axes) != [2]:
             return result.fail("KV heads are not repeated on a new axis 2", [k_axes, v_axes])
         for expanded, repeated in ((k_expanded, k_repeated), (v_expanded, v_repeated)):
-            dims = _dims(expanded)
-            if dims is None or len(dims) != 5 or dims[1] != kv_heads or dims[2] != group:
-                return result.fail(f"KV heads are not expanded to [B, {kv_heads}, {group}, T, Dh]", expanded)
-            if dims[0] != b["B"] or dims[4] != head:
-                return result.fail("expanded KV is not [B, Hkv, G, T, Dh]", expanded)
-            rdims = _dims(repeated)
-            if rdims is None or len(rdims) != 4 or rdims[1] != heads or rdims[3] != head:
-                return result.fail(f"repeated KV is not [B, {heads}, T, Dh]", repeated)
-            if rdims[2] != dims[3] or rdims[0] != dims[0]:
-                return result.fail("repeated KV is not a merge of the group axis", repeated)
-        if not fits(out, ["B", "S", "D"]):
-            return result.fail("attention output is not [B, S, D]", out)
+            why = _check_repeat(expanded, repeated, kv_heads, group, head)
+            if why:
+                return result.fail(why, expanded)
+        if not _merges_heads(out, b["B"], heads * head):
+            return result.fail("attention output is not merged back to [B, S, D]", out)
         softmax = probs.producer()
         if _attr_int(softmax, "axis", -1) not in (-1, 3):
             return result.fail("Softmax is not over the keys", probs)
