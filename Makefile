@@ -31,7 +31,7 @@ lint: setup
 	$(VENV)/bin/ruff check graphopt tests models tools
 
 typecheck: setup
-	$(VENV)/bin/mypy graphopt/infra graphopt/io.py graphopt/errors.py
+	$(VENV)/bin/mypy --follow-imports=silent graphopt/infra graphopt/quant graphopt/io.py graphopt/errors.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

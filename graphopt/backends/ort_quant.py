@@ -44,6 +44,7 @@ class OrtQuantizer(Quantizer):
     reduce_range: ClassVar[bool] = True
     compute_ops: ClassVar[frozenset[str]] = frozenset({"Conv", "MatMul", "Gemm"})
     residual_adds: ClassVar[bool] = False
+    matmul_add_bias: ClassVar[bool] = True
 
 
 __all__ = ["OrtQuantizer"]

@@ -6,16 +6,16 @@ How the approximation works
   first batch sets ``[lo, hi]`` to its own ``[min, max]``; a batch with a single value
   (or all zeros) is held as a *point* (``lo == hi``, all mass in bin 0) until a batch with
   another value arrives, at which point it is placed exactly.
-* **Two passes.** Widening costs resolution (a stream whose range grows 16x ends with
-  16x coarser bins). ``initial_range`` (see ``HistogramObserver.second_pass``) starts
-  the grid at a known range, as ONNX Runtime's two-pass calibration does.
 * **Widening.** When a batch falls outside ``[lo, hi]`` the bin width is multiplied by
   ``2**k`` (smallest ``k >= 1`` that covers the batch) and the grid is shifted by a whole
   number of old bins, so every old bin lies inside exactly one new bin: old counts are
-  summed into the new bins without splitting. The new grid is centred on the data, so
-  extremes that creep outwards over later samples rarely widen it again. Counts stay integers and the total is
-  exact; what is lost is resolution (each widening merges ``2**k`` old bins). The bin
-  count never grows, so memory is constant.
+  summed into the new bins without splitting. Counts stay integers and the total is
+  exact; what is lost is resolution (each widening merges ``2**k`` old bins). The new
+  grid is centred on the data, so extremes that creep outwards over later samples rarely
+  widen it again. The bin count never grows, so memory is constant.
+* **Two passes.** Widening costs resolution (a stream whose range grows 16x ends with
+  16x coarser bins). ``initial_range`` (see ``HistogramObserver.second_pass``) starts
+  the grid at a known range, as ONNX Runtime's two-pass calibration does.
 * **Within a bin** values are taken as uniformly spread, clamped to the exact binned
   ``[min, max]``: the CDF is piecewise linear. Quantiles, the ``|x|`` view used by
   symmetric searches and merges of histograms whose grids do not align read that CDF;
@@ -27,12 +27,13 @@ How the approximation works
   *gaps* in magnitude, not at mass, and at each batch on its own: bucket the batch's
   non-zero ``|x|`` by binary exponent (octave); split the occupied octaves into clusters
   wherever more than ``outlier_gap`` (default 16, a factor of about 65536) octaves in a
-  row are empty; the batch's *bulk* is the lowest cluster holding at least 1/1024 of its
-  non-zero values (sparser clusters below it are binned too: they are near zero), and
-  every value in a cluster above the bulk is an outlier. So a mask fill is split off
-  however many positions are masked, continuous heavy tails (LLM outlier channels, which
-  occupy the octaves in between) stay binned, and a stream may grow by any factor from
-  one batch to the next. The histogram observers choose their range from the bins
+  row are empty; the batch's *bulk* is, among the clusters holding at least 1/1024 of
+  its non-zero values, the one nearest to magnitude 1 (network activations are kept
+  O(1); fills are huge and underflow debris, like ``exp(-100)`` in a masked softmax, is
+  tiny). Clusters below the bulk are binned too (they are near zero); every value in a
+  cluster above it is an outlier. So a mask fill is split off however many positions
+  are masked, continuous heavy tails (LLM outlier channels, which occupy the octaves in
+  between) stay binned, and a stream may grow by any factor from one batch to the next. The histogram observers choose their range from the bins
   alone: tails are always clipped. Limitation: a batch whose non-zero values are all
   fill values (a sample that is only padding) is its own bulk and is binned; that is
   right for the mask tensor itself. ``outlier_gap=None`` turns the split off.
@@ -51,7 +52,7 @@ IntArray = np.ndarray[Any, np.dtype[np.int64]]
 
 #: Default gap, in empty binary octaves, that separates outliers from the bulk.
 DEFAULT_OUTLIER_GAP: int = 16
-#: A first batch's bulk cluster must hold at least this fraction of its non-zero values.
+#: A batch's bulk cluster must hold at least this fraction of its non-zero values.
 _BULK_FRACTION = 1.0 / 1024
 
 
@@ -205,17 +206,24 @@ class Histogram:
         return int(self._counts.nbytes) + 8 * scalars
 
     # ---------------------------------------------------------------- update
-    def add(self, values: np.ndarray[Any, np.dtype[Any]], vmin: float, vmax: float) -> None:
+    def add(
+        self,
+        values: np.ndarray[Any, np.dtype[Any]],
+        vmin: float | None = None,
+        vmax: float | None = None,
+    ) -> None:
         """Adds a batch of finite values.
 
         Args:
             values: Finite real values, any shape (the caller checked them).
-            vmin: ``values.min()``.
-            vmax: ``values.max()``.
+            vmin: ``values.min()`` if the caller has it.
+            vmax: ``values.max()`` if the caller has it.
         """
         flat = np.asarray(values, dtype=np.float64).reshape(-1)
         if flat.size == 0:
             return
+        if vmin is None or vmax is None:
+            vmin, vmax = float(flat.min()), float(flat.max())
         bound = self._outlier_bound(flat, vmin, vmax)
         if max(-vmin, vmax) >= bound:
             outlier = np.abs(flat) >= bound
@@ -242,7 +250,13 @@ class Histogram:
         clusters = np.split(occupied, starts)
         masses = [int(octaves[c].sum()) for c in clusters]
         need = max(1.0, sum(masses) * _BULK_FRACTION)
-        bulk = next((i for i, m in enumerate(masses) if m >= need), int(np.argmax(masses)))
+
+        def distance_to_one(cluster: np.ndarray[Any, np.dtype[np.intp]]) -> int:
+            low, high = int(cluster[0]) - 1023, int(cluster[-1]) - 1023  # octaves of |x|
+            return low if low > 0 else (-high if high < 0 else 0)
+
+        eligible = [i for i, m in enumerate(masses) if m >= need] or [int(np.argmax(masses))]
+        bulk = min(eligible, key=lambda i: (distance_to_one(clusters[i]), -masses[i]))
         if bulk == len(clusters) - 1:
             return math.inf
         return _power_of_two(int(clusters[bulk][-1]) - 1022)

@@ -28,6 +28,11 @@ keeps its resolution, while ``minmax`` keeps them. Every range lies inside the e
 rare bulk extremes as their method says). Degenerate data never fails: a constant (or all
 zeros) gives ``(c, c)``, which ``compute_qparams`` turns into an exact scale.
 
+Resolution: a streaming histogram widens its bins as the range grows (see
+:mod:`graphopt.quant.histogram`), which limits how finely entropy and MSE can clip. For
+full resolution run the data twice: ``obs2 = obs.second_pass()`` starts from the first
+pass's range and never widens.
+
 Errors: a NaN or infinity, a non-numeric dtype or a wrong channel count raises
 :class:`~graphopt.errors.CalibrationError` naming the value, the sample index (the
 caller's, or the count of earlier updates) and the observer. An empty array is ignored.

@@ -17,16 +17,18 @@ Semantics, fixed here and tested:
 * **Scale floor.** Every scale is a normal float32 ``>= MIN_SCALE`` (``2**-40``): ranges
   narrower than ``~255 * 2**-40`` lose resolution, which no real tensor notices, and the
   product of two scales (a bias scale) stays a normal float32.
-* **min == max.** For a constant ``c != 0`` the scale is ``|c| / 2**k`` with ``2**k`` the
-  largest power of two not above the codes available to ``c`` (asymmetric: ``qmax -
+* **min == max.** For a constant ``c != 0`` the scale is ``|c| / 2**k`` with ``2**k``
+  the largest power of two not above the codes available to ``c`` (asymmetric: ``qmax -
   qmin``, so u8 gives ``c / 128``; symmetric: ``min(qmax - zp, zp - qmin)``, so s8 gives
-  ``c / 64`` and ``-c`` is representable too): ``c`` then quantizes to ``zero_point +- 2**k`` and
-  dequantizes back to exactly ``c`` (powers of two divide and multiply exactly), for
-  every ``|c| >= MIN_SCALE`` (symmetric specs: up to ``1.7e38``, beyond which the far
-  level would overflow float32 and the scale is rounded down one ulp; asymmetric specs
-  move the zero point so ``c`` takes the extreme code instead). For ``min == max == 0`` the scale is ``ZERO_RANGE_SCALE``
-  (``2**-23``, float32 epsilon, ``1.1920929e-07``), the zero point is the usual one (qmin
-  for asymmetric, the middle code for symmetric).
+  ``c / 64`` and ``-c`` is representable too). ``c`` quantizes to ``2**k`` codes from the
+  zero point and dequantizes back to exactly ``c`` (powers of two divide and multiply
+  exactly) for every ``|c| >= MIN_SCALE``; smaller constants get ``MIN_SCALE`` and round
+  to within half of it. Near the float32 limit, asymmetric specs move the zero point so
+  that ``c`` takes the extreme code (still exact); symmetric specs with ``|c| > 1.7e38``
+  get the capped scale below and ``c`` may saturate (error under one step). For ``min ==
+  max == 0`` the scale is ``ZERO_RANGE_SCALE`` (``2**-23``, float32 epsilon,
+  ``1.1920929e-07``) and the zero point the usual one (qmin for asymmetric, the middle
+  code for symmetric).
 * **Errors.** Non-finite ``min``/``max``, ``min > max`` or values outside float32 raise
   :class:`~graphopt.errors.CalibrationError` naming the tensor.
 * **quantize** is ONNX ``QuantizeLinear``: ``saturate(rint(x / scale) + zero_point)`` with

@@ -112,7 +112,10 @@ def _unique_node_names_copy(model_path: Path) -> bytes | None:
     """
     if model_path.stat().st_size > 2**31 - 1:
         return None
-    proto = onnx.load(str(model_path), load_external_data=False)
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable: let ONNX Runtime report it
+        return None
     tensors = [*proto.graph.initializer]
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
         return None

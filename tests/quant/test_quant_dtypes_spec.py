@@ -146,3 +146,14 @@ def test_text_examples() -> None:
 def test_bad_text(text: str, needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
         QuantSpec.from_text(text)
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import graphopt.quant.dtypes
+    import graphopt.quant.qparams
+
+    for module in (graphopt.quant.dtypes, graphopt.quant.qparams):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

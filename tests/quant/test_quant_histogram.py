@@ -16,9 +16,7 @@ from graphopt.quant import Histogram
 
 def _feed(hist: Histogram, batches: list[np.ndarray]) -> None:
     for b in batches:
-        flat = np.asarray(b, dtype=np.float64).reshape(-1)
-        if flat.size:
-            hist.add(flat, float(flat.min()), float(flat.max()))
+        hist.add(np.asarray(b))
 
 
 def _width(hist: Histogram) -> float:
@@ -159,6 +157,25 @@ def test_tiny_stragglers_below_the_bulk_do_not_become_the_bulk() -> None:
     _feed(hist, [x])
     assert hist.below.count == hist.above.count == 0
     assert hist.binned_count == x.size
+
+
+def test_underflow_debris_does_not_become_the_bulk_even_when_it_is_the_majority() -> None:
+    # A masked softmax with a -100 fill: masked probabilities underflow to ~1e-44.
+    rng = np.random.default_rng(12)
+    probs = rng.dirichlet(np.ones(32), size=64).reshape(-1)
+    masked = rng.uniform(size=probs.size) < 0.84
+    probs[masked] = np.float32(np.exp(np.float32(-100)))
+    hist = Histogram(256)
+    _feed(hist, [probs])
+    assert hist.below.count == hist.above.count == 0
+    assert hist.binned_max == probs.max()
+
+
+def test_the_bulk_is_the_cluster_nearest_to_one() -> None:
+    x = np.concatenate([np.full(100, 1e-30), np.full(100, 0.5), np.full(100, 1e30)])
+    hist = Histogram(64)
+    _feed(hist, [x])
+    assert hist.above.count == 100 and hist.binned_count == 200
 
 
 def test_outlier_split_can_be_turned_off() -> None:

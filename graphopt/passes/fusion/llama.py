@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
+from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from graphopt.rewrite import ORT_TARGETS, STANDARD_TARGETS, Rule
@@ -76,6 +76,31 @@ def _dims(value: ir.Value | None) -> tuple[object, ...] | None:
     return tuple(value.shape.dims)
 
 
+def _known(dim: object) -> bool:
+    """A static size or a named symbolic dim (an unnamed one equals every other unnamed one
+    in onnx_ir, so it proves nothing)."""
+    return isinstance(dim, int) or (isinstance(dim, ir.SymbolicDim) and dim.value is not None)
+
+
+def _same(a: object, b: object) -> bool:
+    """Two dims known to be equal."""
+    return _known(a) and _known(b) and a == b
+
+
+def _fits(bindings: dict[str, object], value: ir.Value | None, names: Sequence[str]) -> bool:
+    """Binds ``value``'s dims to ``names`` (``check_shape_bool`` that refuses unknown dims)."""
+    dims = _dims(value)
+    if dims is None or len(dims) != len(names):
+        return False
+    for dim, name in zip(dims, names):
+        if not _known(dim):
+            return False
+        if name in bindings and not _same(bindings[name], dim):
+            return False
+        bindings.setdefault(name, dim)
+    return True
+
+
 def _is_arange_from_zero(value: ir.Value) -> bool:
     """Whether ``value`` is ``Range(0, n, 1)``."""
     node = value.producer()
@@ -101,13 +126,12 @@ def _rotate_half(op, x, start1, end1, start2, end2, axes1, axes2):
     return op.Concat(op.Neg(x2), x1, axis=-1)
 
 
-def _check_rotate_half(
-    x: ir.Value, start1, end1, start2, end2, axes1, axes2
-) -> str | None:
+def _check_rotate_half(x: ir.Value, start1, end1, start2, end2, axes1, axes2) -> str | None:
     """Why the Slice/Neg/Concat is not rotate_half over the last axis (None if it is)."""
-    if _rank(x) != 4:
+    dims = _dims(x)
+    if dims is None or len(dims) != 4:
         return "x is not known to be 4-D"
-    head = x.shape[3]
+    head = dims[3]
     if not isinstance(head, int) or head % 2:
         return "head size is not a static even number"
     for axes in (axes1, axes2):
@@ -136,9 +160,8 @@ def _slice_steps_ok(rotated: ir.Value) -> bool:
     for node in slices:
         if node is None:
             return False
-        if len(node.inputs) > 4 and node.inputs[4] is not None:
-            if _ints(node.inputs[4]) != [1]:
-                return False
+        if len(node.inputs) > 4 and node.inputs[4] is not None and _ints(node.inputs[4]) != [1]:
+            return False
     return True
 
 
@@ -152,32 +175,34 @@ def _check_repeat(
     (``[B, Hkv, G, T, Dh]`` then ``[B, Hkv·G, T, Dh]``) or, where those are unknown, from
     constant targets (``s = [1|B, 1|Hkv, G, 1|T, 1|Dh]``, ``t = [0|B, Hkv·G, -1|T, Dh]``).
     """
-    unsqueezed = expanded.producer().inputs[0]
-    source = _dims(unsqueezed)
+    expand, reshape = expanded.producer(), repeated.producer()
+    if expand is None or reshape is None:
+        return "no Expand/Reshape"
+    source = _dims(expand.inputs[0])
     if source is None or len(source) != 5:
         return "the unsqueezed KV is not 5-D"
     want = (source[0], kv_heads, group, source[3], head)
     dims = _dims(expanded)
-    if dims is None or len(dims) != 5 or any(
-        isinstance(w, int) and d != w for d, w in zip(dims, want)
-    ) or dims[2] != group:
-        target = _ints(expanded.producer().inputs[1])
+    if not (dims is not None and len(dims) == 5 and all(map(_same, dims, want))):
+        target = _ints(expand.inputs[1])
         if target is None or len(target) != 5 or target[2] != group:
             return f"KV heads are not expanded to [B, {kv_heads}, {group}, T, Dh]"
-        if any(t not in (1, w) for t, w in zip(target, want) if isinstance(w, int)):
+        # each other entry broadcasts (1) or repeats the source size
+        if any(t != 1 and not _same(t, w) for t, w in zip(target, want)):
             return f"KV heads are not expanded to [B, {kv_heads}, {group}, T, Dh]"
     heads = kv_heads * group
     rdims = _dims(repeated)
-    if rdims is not None and len(rdims) == 4 and rdims[1] == heads and rdims[3] == head:
-        if rdims[0] == source[0] and rdims[2] == source[3]:
-            return None
-    target = _ints(repeated.producer().inputs[1])
-    reshape = repeated.producer()
+    merged = (source[0], heads, source[3], head)
+    if rdims is not None and len(rdims) == 4 and all(map(_same, rdims, merged)):
+        return None
+    target = _ints(reshape.inputs[1])
     if target is None or len(target) != 4 or _attr_int(reshape, "allowzero", 0) != 0:
         return f"repeated KV is not [B, {heads}, T, Dh]"
-    if target[1] != heads or target[3] != head or target[0] not in (0, source[0]):
+    if target[1] != heads or target[3] != head:
         return f"repeated KV is not [B, {heads}, T, Dh]"
-    if target[2] not in (-1, source[3]):
+    if not (target[0] == 0 or _same(target[0], source[0])):
+        return f"repeated KV is not [B, {heads}, T, Dh]"
+    if not (target[2] == -1 or _same(target[2], source[3])):
         return f"repeated KV is not [B, {heads}, T, Dh]"
     return None
 
@@ -187,13 +212,17 @@ def _merges_heads(out: ir.Value, batch: object, width: int) -> bool:
     (rank 3, ``B`` first, ``H·Dh`` last, so the middle is S) or a constant target
     ``[0|B, 0, H·Dh|-1]``."""
     dims = _dims(out)
-    if dims is not None and len(dims) == 3 and dims[2] == width and dims[0] == batch:
+    if dims is not None and len(dims) == 3 and dims[2] == width and _same(dims[0], batch):
         return True
     reshape = out.producer()
-    target = _ints(reshape.inputs[1]) if reshape is not None else None
+    if reshape is None:
+        return False
+    target = _ints(reshape.inputs[1])
     if target is None or len(target) != 3 or _attr_int(reshape, "allowzero", 0) != 0:
         return False
-    return target[0] in (0, batch) and target[1] == 0 and target[2] in (width, -1)
+    return (
+        (target[0] == 0 or _same(target[0], batch)) and target[1] == 0 and target[2] in (width, -1)
+    )
 
 
 # --------------------------------------------------------------------------- SiLU
@@ -240,7 +269,7 @@ class RotaryRule(pattern.RewriteRuleClassBase):
         # cos/sin are shared by every layer: matched nodes stay, unused ones go at the end.
         super().__init__("LlamaRotary", remove_nodes=False)
         self._caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
-        self._positions: dict[tuple[int, int], ir.Value] = {}
+        self._positions: dict[tuple[int, str], ir.Value] = {}
 
     def setup(self) -> None:
         self._caches.clear()
@@ -250,8 +279,20 @@ class RotaryRule(pattern.RewriteRuleClassBase):
         self.setup()
 
     def pattern(
-        self, op, x, pos, pos_axes, inv_freq, cos_axes, sin_axes,
-        start1, end1, start2, end2, axes1, axes2,
+        self,
+        op,
+        x,
+        pos,
+        pos_axes,
+        inv_freq,
+        cos_axes,
+        sin_axes,
+        start1,
+        end1,
+        start2,
+        end2,
+        axes1,
+        axes2,
     ):
         pos_f = op.Cast(op.Unsqueeze(pos, pos_axes, _outputs=["pos_3d"]), to=_FLOAT)
         freqs = op.Mul(pos_f, inv_freq)
@@ -262,8 +303,23 @@ class RotaryRule(pattern.RewriteRuleClassBase):
         return op.Add(op.Mul(x, cos), op.Mul(rotated, sin, _outputs=["rotated_sin"]))
 
     def check(
-        self, context, x, pos, pos_axes, pos_3d, inv_freq, cos_axes, sin_axes,
-        start1, end1, start2, end2, axes1, axes2, rotated_sin, **_,
+        self,
+        context,
+        x,
+        pos,
+        pos_axes,
+        pos_3d,
+        inv_freq,
+        cos_axes,
+        sin_axes,
+        start1,
+        end1,
+        start2,
+        end2,
+        axes1,
+        axes2,
+        rotated_sin,
+        **_,
     ) -> MatchResult:
         result = MatchResult()
         why = _check_rotate_half(x, start1, end1, start2, end2, axes1, axes2)
@@ -301,9 +357,9 @@ class RotaryRule(pattern.RewriteRuleClassBase):
             freq = _ir_utils.get_numpy_value(inv_freq)
             assert freq is not None
             freq_row = op.Constant(value=ir.tensor(freq.astype(np.float32).reshape(1, -1)))
-            if _is_arange_from_zero(pos):
-                count = pos.producer().inputs[1]
-                count = op.Cast(count, to=ir.DataType.INT64)
+            arange = pos.producer() if _is_arange_from_zero(pos) else None
+            if arange is not None:
+                count = op.Cast(arange.inputs[1], to=ir.DataType.INT64)
             else:
                 count = op.Add(
                     op.Cast(op.ReduceMax(pos, keepdims=0), to=ir.DataType.INT64),
@@ -323,7 +379,7 @@ class RotaryRule(pattern.RewriteRuleClassBase):
         return self._caches[key]
 
     def _position_ids(self, op, x: ir.Value, pos: ir.Value) -> ir.Value:
-        key = (id(pos), str(x.shape[0]))
+        key = (id(pos), str(_dims(x)[0]))  # type: ignore[index]
         if key in self._positions:
             return self._positions[key]
         if _rank(pos) == 1 and _is_arange_from_zero(pos):
@@ -332,13 +388,14 @@ class RotaryRule(pattern.RewriteRuleClassBase):
             ids = pos
             if pos.dtype != ir.DataType.INT64:
                 ids = op.Cast(ids, to=ir.DataType.INT64)
-            if _rank(pos) == 1 or (_dims(pos) or (None,))[0] != x.shape[0]:
-                ids_2d = op.Reshape(
-                    ids, op.Constant(value=ir.tensor(np.array([1, -1], dtype=np.int64)))
-                )
+            dims = _dims(pos)
+            if dims is None or len(dims) != 2 or not _same(dims[0], _dims(x)[0]):  # type: ignore[index]
+                if _rank(pos) == 1:
+                    ids = op.Unsqueeze(ids, op.Constant(value=ir.tensor(np.array([0], np.int64))))
+                # [1, S] (or [B, S] of unproven B) -> [B, S]; Expand broadcasts, never reshapes
                 batch = op.Shape(x, start=0, end=1)
-                seq = op.Shape(ids_2d, start=1, end=2)
-                ids = op.Expand(ids_2d, op.Concat(batch, seq, axis=0))
+                seq = op.Shape(ids, start=-1)
+                ids = op.Expand(ids, op.Concat(batch, seq, axis=0))
         self._positions[key] = ids
         return ids
 
@@ -361,9 +418,7 @@ class RotaryOnnxRule(pattern.RewriteRuleClassBase):
     def __init__(self) -> None:
         super().__init__("LlamaRotaryOnnx", remove_nodes=False)
 
-    def pattern(
-        self, op, x, freqs, cos_axes, sin_axes, start1, end1, start2, end2, axes1, axes2
-    ):
+    def pattern(self, op, x, freqs, cos_axes, sin_axes, start1, end1, start2, end2, axes1, axes2):
         emb = op.Concat(freqs, freqs, axis=-1)
         cos = op.Unsqueeze(op.Cos(emb), cos_axes)
         sin = op.Unsqueeze(op.Sin(emb), sin_axes)
@@ -371,8 +426,20 @@ class RotaryOnnxRule(pattern.RewriteRuleClassBase):
         return op.Add(op.Mul(x, cos), op.Mul(rotated, sin, _outputs=["rotated_sin"]))
 
     def check(
-        self, context, x, freqs, cos_axes, sin_axes, start1, end1, start2, end2, axes1, axes2,
-        rotated_sin, **_,
+        self,
+        context,
+        x,
+        freqs,
+        cos_axes,
+        sin_axes,
+        start1,
+        end1,
+        start2,
+        end2,
+        axes1,
+        axes2,
+        rotated_sin,
+        **_,
     ) -> MatchResult:
         result = MatchResult()
         why = _check_rotate_half(x, start1, end1, start2, end2, axes1, axes2)
@@ -391,7 +458,7 @@ class RotaryOnnxRule(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, freqs, **_):
         # the op wants per-batch caches [B, S, Dh/2]; the export's freqs may be [1, S, Dh/2]
-        if _dims(freqs)[0] != x.shape[0]:
+        if not _same(_dims(freqs)[0], x.shape[0]):
             shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(freqs, start=1), axis=0)
             freqs = op.Expand(freqs, shape)
         return op.RotaryEmbedding(
@@ -432,8 +499,20 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         self._shared.clear()
 
     def pattern(
-        self, op, q3, k3, v3, past_k, past_v, pos, cos, sin, mask, scale,
-        k_axes, v_axes,
+        self,
+        op,
+        q3,
+        k3,
+        v3,
+        past_k,
+        past_v,
+        pos,
+        cos,
+        sin,
+        mask,
+        scale,
+        k_axes,
+        v_axes,
     ):
         q = op.Transpose(op.Reshape(q3, pattern.ANY_VALUE, _outputs=["q4"]), perm=[0, 2, 1, 3])
         q = op.RotaryEmbedding(q, pos, cos, sin, _domain=_MS, _outputs=["q_rope"])
@@ -462,15 +541,35 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         return out
 
     def check(
-        self, context, q3, k3, v3, q4, k4, v4, mask, scale, k_axes, v_axes, q_rope, k_rope,
-        k_expanded, v_expanded, k_repeated, v_repeated, probs, out,
-        past_k=None, past_v=None, **_,
+        self,
+        context,
+        q3,
+        k3,
+        v3,
+        q4,
+        k4,
+        v4,
+        mask,
+        scale,
+        k_axes,
+        v_axes,
+        q_rope,
+        k_rope,
+        k_expanded,
+        v_expanded,
+        k_repeated,
+        v_repeated,
+        probs,
+        out,
+        past_k=None,
+        past_v=None,
+        **_,
     ) -> MatchResult:
         result = MatchResult()
         b: dict[str, object] = {}
 
         def fits(value: ir.Value | None, dims: Sequence[str]) -> bool:
-            return _fusion_utils.check_shape_bool(b, value, list(dims))
+            return _fits(b, value, dims)
 
         if not fits(q3, ["B", "S", "D"]):
             return result.fail("query projection is not [B, S, D]", q3)
@@ -489,9 +588,10 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         if b["D"] != heads * head or b["Dkv"] != kv_heads * head:
             return result.fail("projection widths are not heads × head size", [q3, k3])
         group = heads // kv_heads
-        if self._has_past:
-            if not fits(past_k, ["B", "Hkv", "P", "Dh"]) or not fits(past_v, ["B", "Hkv", "P", "Dh"]):
-                return result.fail("past key/value are not [B, Hkv, P, Dh]", [past_k, past_v])
+        if self._has_past and not (
+            fits(past_k, ["B", "Hkv", "P", "Dh"]) and fits(past_v, ["B", "Hkv", "P", "Dh"])
+        ):
+            return result.fail("past key/value are not [B, Hkv, P, Dh]", [past_k, past_v])
         if _ints(k_axes) != [2] or _ints(v_axes) != [2]:
             return result.fail("KV heads are not repeated on a new axis 2", [k_axes, v_axes])
         for expanded, repeated in ((k_expanded, k_repeated), (v_expanded, v_repeated)):
@@ -512,7 +612,7 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
             return result.fail("mask is not a 4-D additive bias of the query dtype", mask)
         if mdims[1] not in (1, heads):
             return result.fail("mask's head axis is neither 1 nor H", mask)
-        if mdims[0] not in (1, b["B"]):
+        if not (mdims[0] == 1 or _same(mdims[0], b["B"])):
             return result.fail("mask's batch axis is neither 1 nor B", mask)
         for rope in (q_rope, k_rope):
             node = rope.producer()
@@ -543,13 +643,34 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         return self._shared[key]
 
     def rewrite(
-        self, op, q3, k3, v3, pos, cos, sin, mask, past_k=None, past_v=None, **_,
+        self,
+        op,
+        q3,
+        k3,
+        v3,
+        pos,
+        cos,
+        sin,
+        mask,
+        past_k=None,
+        past_v=None,
+        **_,
     ):
         seqlens_k, total_len, query_lens = self._lengths(op, q3, past_k, mask)
         q = op.RotaryEmbedding(q3, pos, cos, sin, interleaved=0, _domain=_MS)
         k = op.RotaryEmbedding(k3, pos, cos, sin, interleaved=0, _domain=_MS)
         inputs: list[ir.Value | None] = [
-            q, k, v3, past_k, past_v, seqlens_k, total_len, None, None, None, mask,
+            q,
+            k,
+            v3,
+            past_k,
+            past_v,
+            seqlens_k,
+            total_len,
+            None,
+            None,
+            None,
+            mask,
         ]
         if query_lens is not None:
             inputs += [None, None, None, None, None, query_lens]

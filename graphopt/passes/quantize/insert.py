@@ -351,7 +351,7 @@ class InsertQDQPass(Pass[NoOptions]):
         else:  # pragma: no cover
             graph.append(dq)
         created.append(dq)
-        unit.node.replace_input_with(unit.bias.index, out)
+        unit.bias.node.replace_input_with(unit.bias.index, out)
         return None
 
 

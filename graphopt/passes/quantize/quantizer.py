@@ -56,6 +56,7 @@ class Quantizer:
         compute_ops: Op types quantized as units.
         residual_adds: Quantize Adds of two activations where one of them is also used
             elsewhere (a skip connection), with one shared spec for both inputs.
+        matmul_add_bias: Treat the constant of an Add after a MatMul as its bias (int32).
     """
 
     name: ClassVar[str] = "generic"
@@ -63,6 +64,7 @@ class Quantizer:
     reduce_range: ClassVar[bool] = False
     compute_ops: ClassVar[frozenset[str]] = frozenset({"Conv", "MatMul", "Gemm"})
     residual_adds: ClassVar[bool] = False
+    matmul_add_bias: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ specs
     def weight_spec(self, axis: int | None, config: QuantConfig) -> QuantSpec:
@@ -203,7 +205,10 @@ class Quantizer:
             if w is None:
                 plan.skipped.append(Skip(label, f"{label}: {why}", "unsupported-weight"))
                 return None
-            return self._with_weight(node, x, w)
+            unit = self._with_weight(node, x, w)
+            if self.matmul_add_bias and w.role == "weight":
+                unit.bias = self._matmul_add_bias(node, w, config)
+            return unit
         if op == "Conv":
             w, why = self._weight_edge(node, 1, 0, config)
             if w is None:
@@ -228,6 +233,26 @@ class Quantizer:
                 unit.bias = self._bias_edge(node, 2, w, int(n_out))
             return unit
         return None
+
+    def _matmul_add_bias(self, node: ir.Node, w: Edge, config: QuantConfig) -> Edge | None:
+        """The constant of an ``Add`` that is the MatMul's only consumer, as its bias.
+
+        Stored as int32 with the MatMul's input x weight scale, ONNX Runtime folds
+        ``MatMul + Add`` over 2-D inputs into QGemm (float output) instead of a float Gemm
+        on dequantized operands.
+        """
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if out.is_graph_output() or len(uses) != 1:
+            return None
+        add, index = uses[0].node, uses[0].idx
+        if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or excluded(add, config):
+            return None
+        wa = constant_array(w.value)
+        assert wa is not None
+        if wa.ndim != 2:
+            return None
+        return self._bias_edge(add, 1 - index, w, int(wa.shape[-1]))
 
     @staticmethod
     def _with_weight(node: ir.Node, x: Edge, w: Edge) -> QuantUnit:

@@ -79,7 +79,7 @@ class _Graph:
         self._n += 1
         return f"{stem}_{self._n}"
 
-    def const(self, value: np.ndarray | float | int | Sequence[int], stem: str = "c") -> str:
+    def const(self, value: np.ndarray | float | Sequence[int], stem: str = "c") -> str:
         array = np.asarray(value)
         if array.dtype == np.float64:
             array = array.astype(np.float32)
@@ -108,18 +108,31 @@ class Variant:
 
 def _rms(g: _Graph, x: str) -> str:
     square = g.op("Pow", x, g.const(np.float32(2.0)))
-    mean = g.op("ReduceMean", square, g.const(np.array([-1], np.int64)), keepdims=1,
-                noop_with_empty_axes=0)  # written out by the dynamo exporter
+    mean = g.op(
+        "ReduceMean", square, g.const(np.array([-1], np.int64)), keepdims=1, noop_with_empty_axes=0
+    )  # written out by the dynamo exporter
     rsqrt = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, g.const(np.float32(EPS)))))
     weight = g.const(1.0 + 0.1 * g.rng.standard_normal(HIDDEN))
     return g.op("Mul", weight, g.op("Mul", x, rsqrt))
 
 
 def _rotary(g: _Graph, x: str, cos4: str, sin4: str, split: int) -> str:
-    x1 = g.op("Slice", x, g.const(np.array([0], np.int64)), g.const(np.array([split], np.int64)),
-              g.const(np.array([3], np.int64)), g.const(np.array([1], np.int64)))
-    x2 = g.op("Slice", x, g.const(np.array([split], np.int64)), g.const(np.array([INT64_MAX], np.int64)),
-              g.const(np.array([3], np.int64)), g.const(np.array([1], np.int64)))
+    x1 = g.op(
+        "Slice",
+        x,
+        g.const(np.array([0], np.int64)),
+        g.const(np.array([split], np.int64)),
+        g.const(np.array([3], np.int64)),
+        g.const(np.array([1], np.int64)),
+    )
+    x2 = g.op(
+        "Slice",
+        x,
+        g.const(np.array([split], np.int64)),
+        g.const(np.array([INT64_MAX], np.int64)),
+        g.const(np.array([3], np.int64)),
+        g.const(np.array([1], np.int64)),
+    )
     rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
     return g.op("Add", g.op("Mul", x, cos4), g.op("Mul", rotated, sin4))
 
@@ -131,8 +144,11 @@ def _heads(g: _Graph, x: str, heads: int) -> str:
 
 def _repeat(g: _Graph, x: str, kv_heads: int) -> str:
     group = HEADS // kv_heads
-    expanded = g.op("Expand", g.op("Unsqueeze", x, g.const(np.array([2], np.int64))),
-                    g.const(np.array([1, 1, group, 1, 1], np.int64)))
+    expanded = g.op(
+        "Expand",
+        g.op("Unsqueeze", x, g.const(np.array([2], np.int64))),
+        g.const(np.array([1, 1, group, 1, 1], np.int64)),
+    )
     return g.op("Reshape", expanded, g.const(np.array([0, HEADS, -1, HEAD], np.int64)))
 
 
@@ -144,7 +160,8 @@ def build(kv_cache: bool, *, seed: int = 0, variant: Variant = Variant()) -> onn
     inputs = [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", HIDDEN]),
         helper.make_tensor_value_info(
-            "attention_mask", TensorProto.INT64,
+            "attention_mask",
+            TensorProto.INT64,
             ["batch", "total_sequence" if kv_cache else "sequence"],
         ),
     ]
@@ -152,16 +169,25 @@ def build(kv_cache: bool, *, seed: int = 0, variant: Variant = Variant()) -> onn
     seq = g.op("Squeeze", g.op("Shape", "x", start=1, end=2))
     query_pos = g.op("Range", g.const(np.int64(0)), seq, g.const(np.int64(1)))
     if kv_cache:
-        inputs.append(helper.make_tensor_value_info(
-            "position_ids", TensorProto.INT64, ["batch", "sequence"]))
+        inputs.append(
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])
+        )
         for i in range(LAYERS):
             for kind in ("k", "v"):
-                inputs.append(helper.make_tensor_value_info(
-                    f"past_{kind}{i}", TensorProto.FLOAT,
-                    ["batch", kv_heads, "past_sequence", HEAD]))
-                outputs.append(helper.make_tensor_value_info(
-                    f"present_{kind}{i}", TensorProto.FLOAT,
-                    ["batch", kv_heads, "total_sequence", HEAD]))
+                inputs.append(
+                    helper.make_tensor_value_info(
+                        f"past_{kind}{i}",
+                        TensorProto.FLOAT,
+                        ["batch", kv_heads, "past_sequence", HEAD],
+                    )
+                )
+                outputs.append(
+                    helper.make_tensor_value_info(
+                        f"present_{kind}{i}",
+                        TensorProto.FLOAT,
+                        ["batch", kv_heads, "total_sequence", HEAD],
+                    )
+                )
         past = g.op("Squeeze", g.op("Shape", "past_k0", start=2, end=3))
         total = g.op("Add", past, seq)
         key_pos = g.op("Range", g.const(np.int64(0)), total, g.const(np.int64(1)))
@@ -172,13 +198,19 @@ def build(kv_cache: bool, *, seed: int = 0, variant: Variant = Variant()) -> onn
         arange = g.op("Range", g.const(np.int64(0)), seq, g.const(np.int64(1)))
         pos_3d = g.op("Unsqueeze", arange, g.const(np.array([0, 2], np.int64)))
     # mask: Where(causal ∧ attention_mask, 0, min), [B, 1, S, T]
-    causal = g.op("LessOrEqual",
-                  g.op("Unsqueeze", key_pos, g.const(np.array([0, 1, 2], np.int64))),
-                  g.op("Unsqueeze", query_pos, g.const(np.array([0, 1, 3], np.int64))))
-    padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL),
-                   g.const(np.array([1, 2], np.int64)))
-    mask = g.op("Where", g.op("And", causal, padding), g.const(np.float32(0.0)),
-                g.const(np.float32(MIN)))
+    causal = g.op(
+        "LessOrEqual",
+        g.op("Unsqueeze", key_pos, g.const(np.array([0, 1, 2], np.int64))),
+        g.op("Unsqueeze", query_pos, g.const(np.array([0, 1, 3], np.int64))),
+    )
+    padding = g.op(
+        "Unsqueeze",
+        g.op("Cast", "attention_mask", to=TensorProto.BOOL),
+        g.const(np.array([1, 2], np.int64)),
+    )
+    mask = g.op(
+        "Where", g.op("And", causal, padding), g.const(np.float32(0.0)), g.const(np.float32(MIN))
+    )
     # rotary cos/sin
     inv_freq = g.const((1.0 / (10000.0 ** (np.arange(0, HEAD, 2) / HEAD))).astype(np.float32))
     freqs = g.op("Mul", g.op("Cast", pos_3d, to=TensorProto.FLOAT), inv_freq)
@@ -196,12 +228,18 @@ def build(kv_cache: bool, *, seed: int = 0, variant: Variant = Variant()) -> onn
         q = _rotary(g, q, cos4, sin4, variant.split)
         k = _rotary(g, k, cos4, sin4, variant.split)
         if kv_cache:
-            g.nodes.append(helper.make_node("Concat", [f"past_k{layer}", k], [f"present_k{layer}"], axis=-2))
-            g.nodes.append(helper.make_node("Concat", [f"past_v{layer}", v], [f"present_v{layer}"], axis=-2))
+            g.nodes.append(
+                helper.make_node("Concat", [f"past_k{layer}", k], [f"present_k{layer}"], axis=-2)
+            )
+            g.nodes.append(
+                helper.make_node("Concat", [f"past_v{layer}", v], [f"present_v{layer}"], axis=-2)
+            )
             k, v = f"present_k{layer}", f"present_v{layer}"
         k = g.op("Transpose", _repeat(g, k, kv_heads), perm=[0, 1, 3, 2])
         v = _repeat(g, v, kv_heads)
-        scores = g.op("Add", g.op("Mul", g.op("MatMul", q, k), g.const(np.float32(HEAD ** -0.5))), mask)
+        scores = g.op(
+            "Add", g.op("Mul", g.op("MatMul", q, k), g.const(np.float32(HEAD**-0.5))), mask
+        )
         probs = g.op("Softmax", scores, axis=variant.softmax_axis)
         attn = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])
         attn = g.op("Reshape", attn, g.const(np.array([0, 0, HIDDEN], np.int64)))
@@ -244,18 +282,28 @@ def run(model: onnx.ModelProto | Fused, feeds: dict[str, np.ndarray]) -> dict[st
     return dict(zip(names, s.run(names, feeds), strict=True))
 
 
-def no_cache_feeds(batch: int, seq: int, *, pad: str = "none", seed: int = 1) -> dict[str, np.ndarray]:
+def no_cache_feeds(
+    batch: int, seq: int, *, pad: str = "none", seed: int = 1
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, seq), np.int64)
     if pad == "left":
         mask[-1, : seq // 3] = 0
     elif pad == "right":
         mask[-1, seq - seq // 3 :] = 0
-    return {"x": rng.standard_normal((batch, seq, HIDDEN)).astype(np.float32), "attention_mask": mask}
+    return {
+        "x": rng.standard_normal((batch, seq, HIDDEN)).astype(np.float32),
+        "attention_mask": mask,
+    }
 
 
 def kv_feeds(
-    batch: int, seq: int, past: int, *, left_pad: int = 0, seed: int = 2,
+    batch: int,
+    seq: int,
+    past: int,
+    *,
+    left_pad: int = 0,
+    seed: int = 2,
     kv_heads: int = KV_HEADS,
 ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -269,7 +317,9 @@ def kv_feeds(
     }
     for i in range(LAYERS):
         for kind in ("k", "v"):
-            feeds[f"past_{kind}{i}"] = rng.standard_normal((batch, kv_heads, past, HEAD)).astype(np.float32)
+            feeds[f"past_{kind}{i}"] = rng.standard_normal((batch, kv_heads, past, HEAD)).astype(
+                np.float32
+            )
     return feeds
 
 
@@ -345,7 +395,7 @@ def test_no_cache_decoder_fuses_every_layer(no_cache_fused: Fused) -> None:
     gqa = no_cache_fused.nodes("GroupQueryAttention")[0]
     attrs = {k: a.value for k, a in gqa.attributes.items()}
     assert attrs["num_heads"] == HEADS and attrs["kv_num_heads"] == KV_HEADS
-    assert attrs["scale"] == pytest.approx(HEAD ** -0.5)
+    assert attrs["scale"] == pytest.approx(HEAD**-0.5)
     assert attrs.get("do_rotary", 0) == 0  # rotary stays outside, with the real positions
     assert gqa.inputs[3] is None and gqa.inputs[4] is None  # no past
     assert gqa.inputs[10] is not None  # the graph's mask, as attention_bias
@@ -480,7 +530,8 @@ def test_silu_operand_order() -> None:
         ]
         proto = helper.make_model(
             helper.make_graph(nodes, "g", [x], [z]),
-            opset_imports=[helper.make_opsetid("", 20)], ir_version=10,
+            opset_imports=[helper.make_opsetid("", 20)],
+            ir_version=10,
         )
         fused = fuse(proto, ["llama-silu"], explain=True)
         assert ("com.microsoft::QuickGelu" in fused.ops) is fires, fused.ops
@@ -489,7 +540,10 @@ def test_silu_operand_order() -> None:
 
 
 def test_rotary_alone(no_cache: onnx.ModelProto, kv_cache: onnx.ModelProto) -> None:
-    for proto, feeds in ((no_cache, no_cache_feeds(2, 6)), (kv_cache, kv_feeds(2, 3, 4, left_pad=1))):
+    for proto, feeds in (
+        (no_cache, no_cache_feeds(2, 6)),
+        (kv_cache, kv_feeds(2, 3, 4, left_pad=1)),
+    ):
         fused = fuse(proto, ["llama-rotary"])
         ops = histogram(fused)
         assert ops["com.microsoft::RotaryEmbedding"] == 2 * LAYERS
@@ -507,21 +561,38 @@ def test_rotary_with_one_dim_positions_broadcasts_to_batch() -> None:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", HEADS, "s", HEAD])
     g = _Graph(3)
     inv_freq = g.const((1.0 / (100.0 ** (np.arange(0, HEAD, 2) / HEAD))).astype(np.float32))
-    freqs = g.op("Mul", g.op("Cast", g.op("Unsqueeze", "pos", g.const(np.array([0, 2], np.int64))),
-                             to=TensorProto.FLOAT), inv_freq)
+    freqs = g.op(
+        "Mul",
+        g.op(
+            "Cast",
+            g.op("Unsqueeze", "pos", g.const(np.array([0, 2], np.int64))),
+            to=TensorProto.FLOAT,
+        ),
+        inv_freq,
+    )
     emb = g.op("Concat", freqs, freqs, axis=-1)
     one = g.const(np.array([1], np.int64))
-    out = _rotary(g, "x", g.op("Unsqueeze", g.op("Cos", emb), one),
-                  g.op("Unsqueeze", g.op("Sin", emb), one), HEAD // 2)
+    out = _rotary(
+        g,
+        "x",
+        g.op("Unsqueeze", g.op("Cos", emb), one),
+        g.op("Unsqueeze", g.op("Sin", emb), one),
+        HEAD // 2,
+    )
     g.nodes.append(helper.make_node("Identity", [out], ["y"]))
-    proto = helper.make_model(helper.make_graph(g.nodes, "g", [x, pos], [y], g.inits),
-                              opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    proto = helper.make_model(
+        helper.make_graph(g.nodes, "g", [x, pos], [y], g.inits),
+        opset_imports=[helper.make_opsetid("", 20)],
+        ir_version=10,
+    )
     fused = fuse(proto, ["llama-rotary"])
     assert histogram(fused)["com.microsoft::RotaryEmbedding"] == 1
     assert "Expand" in fused.ops
     rng = np.random.default_rng(0)
-    feeds = {"x": rng.standard_normal((3, HEADS, 4, HEAD)).astype(np.float32),
-             "pos": np.array([5, 2, 9, 0], np.int64)}
+    feeds = {
+        "x": rng.standard_normal((3, HEADS, 4, HEAD)).astype(np.float32),
+        "pos": np.array([5, 2, 9, 0], np.int64),
+    }
     assert_close(run(proto, feeds)["y"], run(fused, feeds)["y"])
 
 

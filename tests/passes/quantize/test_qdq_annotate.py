@@ -40,8 +40,11 @@ def test_mlp_weights_per_channel_on_matmul_columns() -> None:
     assert w.spec.reduce_range  # ort default (int16 accumulation without VNNI)
     (x,) = units["mm1"].activations  # type: ignore[attr-defined]
     assert x.value.name == "x" and x.spec == ACT_U8_ASYM
-    # MatMul has no bias input: the following Add stays float, not a bias.
-    assert units["mm1"].bias is None  # type: ignore[attr-defined]
+    # The constant of the Add after the MatMul is its bias (int32 lets ORT fold
+    # MatMul + Add into QGemm).
+    bias = units["mm1"].bias  # type: ignore[attr-defined]
+    assert bias.node.name == "add1" and bias.value.name == "b1"
+    assert bias.spec.dtype == QuantDType.S32 and bias.spec.per_channel
 
 
 def test_per_tensor_and_full_range_options() -> None:
