@@ -24,7 +24,7 @@ Usage::
 
     .venv/bin/python tools/bench_fusion_llm.py              # writes docs/bench/fusion_llm.md
     .venv/bin/python tools/bench_fusion_llm.py --out -      # prints the report only
-    .venv/bin/python tools/bench_fusion_llm.py --repeats 5 --decode-rounds 2 --no-mha
+    .venv/bin/python tools/bench_fusion_llm.py --repeats 8 --decode-rounds 2 --no-mha
 """
 
 from __future__ import annotations
@@ -392,7 +392,8 @@ def report(
         (
             "Interleaved in one process (`measure_latency`), median of "
             f"{args.repeats} runs per graph (ORT opt ON) and "
-            f"{max(3, args.repeats // 2)} (OFF); ratio = graph / unfused (< 1: faster). "
+            f"{max(3, args.repeats // 2)} (OFF); ratio = graph / unfused median (< 1: faster), "
+            "in brackets the ratio of the fastest runs (less sensitive to other load). "
             "max abs Δlogits: against the unfused graph, ORT optimizations off on both sides, "
             "on the timed window and on a batch of 2 x 32 tokens with one row left-padded by 9 "
             "(unmasked positions; `at padding rows`: the 9 padding positions themselves)."
@@ -405,11 +406,15 @@ def report(
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     on, off = latency["on"], latency.get("off", {})
+    on_min, off_min = latency["on_min"], latency.get("off_min", {})
     for v in variants:
         if v.export != "no-cache":
             continue
         off_cells = (
-            [f"{off[v.name]:.0f}", f"{off[v.name] / off['unfused']:.2f}"]
+            [
+                f"{off[v.name]:.0f}",
+                f"{off[v.name] / off['unfused']:.2f} ({off_min[v.name] / off_min['unfused']:.2f})",
+            ]
             if v.name in off
             else ["—", "—"]
         )
@@ -419,7 +424,11 @@ def report(
             if d
             else ["reference", "—", "—"]
         )
-        cells = [v.name, f"{on[v.name]:.0f}", f"{on[v.name] / on['unfused']:.2f}"]
+        cells = [
+            v.name,
+            f"{on[v.name]:.0f}",
+            f"{on[v.name] / on['unfused']:.2f} ({on_min[v.name] / on_min['unfused']:.2f})",
+        ]
         lines.append("| " + " | ".join(cells + off_cells + diff_cells) + " |")
     base, fused_kv = decode["unfused"], decode["fused"]
     ratio = fused_kv["decode_ms"] / base["decode_ms"]
@@ -519,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=str(ROOT / "docs" / "bench" / "fusion_llm.md"),
         help="report path, '-' for stdout only",
     )
-    parser.add_argument("--repeats", type=int, default=10, help="timed no-cache runs per graph")
+    parser.add_argument("--repeats", type=int, default=20, help="timed no-cache runs per graph")
     parser.add_argument("--decode-rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--no-mha", action="store_true", help="skip the fused-mha variant")
@@ -563,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         latency = {}
         stats = measure_latency(no_cache, feed, repeats=args.repeats, warmup=2, threads=2)
         latency["on"] = {k: s.median_ms for k, s in stats.items()}
+        latency["on_min"] = {k: s.min_ms for k, s in stats.items()}
         if not args.no_opt_off:
             stats = measure_latency(
                 no_cache,
@@ -573,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 optimize=False,
             )
             latency["off"] = {k: s.median_ms for k, s in stats.items()}
+            latency["off_min"] = {k: s.min_ms for k, s in stats.items()}
 
         print("decode latency ...", file=sys.stderr)
         decode = decode_latency(kv, args.decode_rounds, args.new_tokens)

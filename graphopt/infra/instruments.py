@@ -77,17 +77,23 @@ class TimingInstrument(Instrument):
     """Records per-pass wall time, node counts and statistics."""
 
     records: list[PassRecord] = field(default_factory=list)
-    _start: float = 0.0
-    _nodes: int = 0
+    #: (start time, nodes before) per pass in flight; nested pass managers push too.
+    _open: list[tuple[float, int]] = field(default_factory=list)
 
     def before_pass(self, pass_: Pass[Any], model: ir.Model, position: int) -> None:
-        self._nodes = sum(op_histogram(model).values())
-        self._start = time.perf_counter()
+        self._open.append((time.perf_counter(), sum(op_histogram(model).values())))
+
+    def on_failure(
+        self, pass_: Pass[Any], model: ir.Model, error: BaseException, position: int
+    ) -> None:
+        if self._open:
+            self._open.pop()
 
     def after_pass(
         self, pass_: Pass[Any], model: ir.Model, result: PassResult, position: int
     ) -> None:
-        elapsed = time.perf_counter() - self._start
+        start, nodes_before = self._open.pop()
+        elapsed = time.perf_counter() - start
         nodes_after = sum(op_histogram(model).values())
         self.records.append(
             PassRecord(
@@ -95,7 +101,7 @@ class TimingInstrument(Instrument):
                 text=pass_.to_text(),
                 seconds=elapsed,
                 modified=result.modified,
-                nodes_before=self._nodes,
+                nodes_before=nodes_before,
                 nodes_after=nodes_after,
                 stats=dict(result.stats),
                 preserved=result.preserved.names(),
@@ -105,7 +111,7 @@ class TimingInstrument(Instrument):
             "%s: %.3fs, nodes %d -> %d%s",
             pass_.info.name,
             elapsed,
-            self._nodes,
+            nodes_before,
             nodes_after,
             "" if result.modified else " (no change)",
         )

@@ -13,10 +13,14 @@ GRAPHOPT_API_VERSION = 1
 
 def register(registry: PassRegistry) -> None:
     """Registers every built-in pass and named pipeline."""
-    from graphopt.passes import cleanup, fusion
+    from graphopt.passes import cleanup, fusion, quantize
 
     cleanup.register(registry)
     fusion.register(registry)
+    quantize.register(registry)
     registry.register_pipeline(
-        "default", "cleanup", "the pipeline `graphopt optimize` runs when --passes is omitted"
+        "default",
+        "cleanup,fuse",
+        "what `graphopt optimize` runs without --passes: exact cleanup, then the target's "
+        "fusions",
     )

@@ -14,8 +14,10 @@ cache), whose decoder layer reads, per head group::
 RMSNorm and Add+RMSNorm are fused by normalization.py (onnxscript's rules). The rules here,
 in catalog order (before onnxscript's attention chain, which then finds nothing left to do):
 
-1. ``llama-silu`` (ORT): ``x·Sigmoid(x)`` -> ``QuickGelu(x, alpha=1)`` (ORT's SiLU kernel;
-   ORT has no fused SiLU·up gating op on CPU, the gating Mul stays).
+1. ``llama-silu`` (ORT): float32 ``x·Sigmoid(x)`` -> ``QuickGelu(x, alpha=1)`` (ORT's SiLU
+   kernel, bit-identical here; ORT's own optimizer does the same at session load, so this
+   mainly serves graphs run without it. ORT has no fused SiLU·up gating op on CPU: the
+   gating Mul stays).
 2. ``llama-rotary`` (ORT): the rotate-half rotary embedding with cos/sin computed from
    position ids -> ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache)``. The caches
    are built once per graph from the same ``inv_freq`` and positions
@@ -236,8 +238,8 @@ class SiluRule(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, **_) -> MatchResult:
         result = MatchResult()
-        if x.dtype not in (None, _FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
-            return result.fail("x is not a float tensor", x)
+        if x.dtype != _FLOAT:  # ORT's CPU QuickGelu is float32 only
+            return result.fail("x is not known to be float32", x)
         return result
 
     def rewrite(self, op, x, **_):
@@ -330,8 +332,8 @@ class RotaryRule(pattern.RewriteRuleClassBase):
             return result.fail("rotate_half slices have non-unit steps", x)
         if not isinstance(x.shape[1], int):
             return result.fail("number of heads is not static", x)
-        if x.dtype not in (None, _FLOAT):
-            return result.fail("only float32 rotary is handled", x)
+        if x.dtype != _FLOAT:
+            return result.fail("x is not known to be float32", x)
         half = x.shape[3] // 2
         freq = _ir_utils.get_numpy_value(inv_freq)
         if freq is None or freq.size != half or freq.shape[-1] != half:
@@ -608,7 +610,7 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
             return result.fail("scale is not a positive float constant", scale)
         self._scale = value
         mdims = _dims(mask)
-        if mdims is None or len(mdims) != 4 or mask.dtype not in (None, q3.dtype):
+        if mdims is None or len(mdims) != 4 or mask.dtype != q3.dtype:
             return result.fail("mask is not a 4-D additive bias of the query dtype", mask)
         if mdims[1] not in (1, heads):
             return result.fail("mask's head axis is neither 1 nor H", mask)

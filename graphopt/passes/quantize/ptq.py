@@ -97,7 +97,7 @@ class PtqOptions(Options):
     """
 
     mode: Literal["static", "dynamic"] = "static"
-    calib: Calib = "percentile"
+    calib: Calib = "mse"
     percentile: float = 99.999
     per_channel: bool = True
     reduce_range: bool | None = None

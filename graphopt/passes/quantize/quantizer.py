@@ -52,7 +52,8 @@ class Quantizer:
     Class attributes a backend overrides:
         name: The target name.
         activation_spec: Spec of activations (inputs of compute units).
-        reduce_range: Default for 7-bit weight codes when the user does not choose.
+        reduce_range: Default for 7-bit weight codes when the user does not choose
+            (see :meth:`default_reduce_range`).
         compute_ops: Op types quantized as units.
         residual_adds: Quantize Adds of two activations where one of them is also used
             elsewhere (a skip connection), with one shared spec for both inputs.
@@ -69,7 +70,7 @@ class Quantizer:
     # ------------------------------------------------------------------ specs
     def weight_spec(self, axis: int | None, config: QuantConfig) -> QuantSpec:
         """Spec of a constant weight whose output channels lie along ``axis``."""
-        reduce = self.reduce_range if config.reduce_range is None else config.reduce_range
+        reduce = self.default_reduce_range() if config.reduce_range is None else config.reduce_range
         if config.per_channel and axis is not None:
             spec = WEIGHT_S8_SYM_PER_CHANNEL.with_axis(axis)
         else:
@@ -78,8 +79,12 @@ class Quantizer:
 
     def computed_weight_spec(self, config: QuantConfig) -> QuantSpec:
         """Spec of a weight input that is not a constant (calibrated like an activation)."""
-        reduce = self.reduce_range if config.reduce_range is None else config.reduce_range
+        reduce = self.default_reduce_range() if config.reduce_range is None else config.reduce_range
         return dataclasses.replace(WEIGHT_S8_SYM, reduce_range=reduce)
+
+    def default_reduce_range(self) -> bool:
+        """Whether weights use 7-bit codes when the user does not say."""
+        return self.reduce_range
 
     @staticmethod
     def bias_spec(weight: QuantSpec) -> QuantSpec:
@@ -250,7 +255,11 @@ class Quantizer:
             return None
         wa = constant_array(w.value)
         assert wa is not None
-        if wa.ndim != 2:
+        x = node.inputs[0]
+        # Only 2-D products fold into QGemm; on [batch, seq, d] inputs ORT runs
+        # MatMulIntegerToFloat and fuses a float bias Add into SkipLayerNormalization or
+        # BiasGelu, which an int32 bias would block (MiniLM: 8% slower).
+        if wa.ndim != 2 or x is None or x.shape is None or len(x.shape) != 2:
             return None
         return self._bias_edge(add, 1 - index, w, int(wa.shape[-1]))
 

@@ -9,7 +9,8 @@ import pytest
 from _qdq_support import F, context, convnet, make_model, mlp, node
 
 from graphopt.analysis import ActivationStatsAnalysis
-from graphopt.backends.ort_quant import OrtQuantizer
+from graphopt.backends import ort_quant
+from graphopt.backends.ort_quant import OrtQuantizer, u8s8_saturates
 from graphopt.backends.tensorrt_quant import TensorRTQuantizer
 from graphopt.infra.analysis import AnalysisManager
 from graphopt.passes.quantize.plan import QuantConfig, QuantPlan, finalize_plan
@@ -37,7 +38,8 @@ def test_mlp_weights_per_channel_on_matmul_columns() -> None:
     assert w.value.name == "W1"
     assert w.spec.dtype == QuantDType.S8 and w.spec.symmetric and w.spec.narrow
     assert w.spec.per_channel and w.spec.axis == 1  # [K, N]: N output channels
-    assert w.spec.reduce_range  # ort default (int16 accumulation without VNNI)
+    # 7-bit weights exactly where this CPU's u8 x s8 kernel saturates (no VNNI).
+    assert w.spec.reduce_range == u8s8_saturates()
     (x,) = units["mm1"].activations  # type: ignore[attr-defined]
     assert x.value.name == "x" and x.spec == ACT_U8_ASYM
     # The constant of the Add after the MatMul is its bias (int32 lets ORT fold
@@ -45,6 +47,25 @@ def test_mlp_weights_per_channel_on_matmul_columns() -> None:
     bias = units["mm1"].bias  # type: ignore[attr-defined]
     assert bias.node.name == "add1" and bias.value.name == "b1"
     assert bias.spec.dtype == QuantDType.S32 and bias.spec.per_channel
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_follows_the_saturation_probe(
+    saturates: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ort_quant, "u8s8_saturates", lambda: saturates)
+    w = _units(OrtQuantizer().annotate(mlp(), QuantConfig()))["mm1"].weight  # type: ignore[attr-defined]
+    assert w.spec.reduce_range == saturates
+    # The user's choice wins; TensorRT never reduces.
+    w = _units(OrtQuantizer().annotate(mlp(), QuantConfig(reduce_range=not saturates)))["mm1"].weight  # type: ignore[attr-defined]
+    assert w.spec.reduce_range == (not saturates)
+    w = _units(TensorRTQuantizer().annotate(mlp(), QuantConfig()))["mm1"].weight  # type: ignore[attr-defined]
+    assert not w.spec.reduce_range
+
+
+def test_saturation_probe_matches_the_cpu() -> None:
+    """The probe's answer is what ORT computes for 255 x 127 products on this CPU."""
+    assert isinstance(u8s8_saturates(), bool)
 
 
 def test_per_tensor_and_full_range_options() -> None:

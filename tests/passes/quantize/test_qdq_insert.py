@@ -42,7 +42,7 @@ def _const(value: ir.Value) -> np.ndarray:
 def test_mlp_qdq_placement_and_stored_weights() -> None:
     model = mlp()
     w1 = _const(model.graph.initializers["W1"]).copy()
-    result = _ptq(model, gaussian_feeds("x", (8, 16), 4), calib="minmax")
+    result = _ptq(model, gaussian_feeds("x", (8, 16), 4), calib="minmax", reduce_range=True)
     assert result.modified
     mm1 = node(model, "mm1")
     # Activation: x -> QuantizeLinear -> DequantizeLinear -> MatMul.
@@ -69,6 +69,7 @@ def test_mlp_qdq_placement_and_stored_weights() -> None:
     assert producer_op(node(model, "add1").inputs[0]) == "MatMul"
     assert producer_op(node(model, "mm2").inputs[0]) == "DequantizeLinear"
     assert result.stats["weights_quantized"] == 2 and result.stats["activations_quantized"] == 2
+    assert result.stats["biases_int32"] == 2  # the Adds' constants: MatMul + Add -> QGemm
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
 
 
