@@ -78,7 +78,7 @@ def test_registry_entries() -> None:
     pm = registry.build("cleanup")
     assert pm.to_text() == CLEANUP_PIPELINE
     assert registry.build(pm.to_text()).to_text() == CLEANUP_PIPELINE
-    assert registry.build("default").to_text() == CLEANUP_PIPELINE
+    assert registry.build("default").to_text() == CLEANUP_PIPELINE + ",fuse"
 
 
 def test_options_round_trip_through_pipeline_text() -> None:

@@ -3,7 +3,8 @@
 Scaled dot-product attention subgraphs -> an internal SDPA op, then -> MultiHeadAttention
 (with or without past), scale and bias absorbed, and finally the Q/K/V projections packed
 into ORT's ``Attention``; Llama-style rotary embedding -> RotaryEmbedding and grouped-query
-attention -> GroupQueryAttention.
+attention -> GroupQueryAttention (llama.py's rule; onnxscript's own GQA rule is left out:
+its causal-mask check accepts any mask and its rewrite drops the attention mask).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from onnxscript.rewriter.ort_fusions import (
     attention,
     cos_sin_cache,
-    gqa,
     gqa_packed_qkv,
     mha,
     mha_bias,
@@ -52,13 +52,6 @@ RULES: list[Rule] = [
         ORT_TARGETS,
         group="attention",
         shape_inference=True,
-    ),
-    Rule(
-        "gqa",
-        "grouped-query attention with KV cache -> GroupQueryAttention (ORT)",
-        lambda: gqa.gqa_rules,
-        ORT_TARGETS,
-        group="attention",
     ),
     Rule(
         "packed-qkv-gqa",

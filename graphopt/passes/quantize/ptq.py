@@ -25,6 +25,7 @@ SQNR on the first calibration feeds, and the output loss when ``max_loss`` is se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -44,9 +45,14 @@ from graphopt.infra.context import PassContext
 from graphopt.infra.options import Options
 from graphopt.infra.pass_base import Pass, PassInfo, PassResult
 from graphopt.passes.quantize.insert import MIN_OPSET, InsertQDQPass, check_opset, model_opset
-from graphopt.passes.quantize.plan import QuantConfig, QuantPlan, finalize_plan
+from graphopt.passes.quantize.plan import (
+    QuantConfig,
+    QuantPlan,
+    build_groups,
+    compute_group_qparams,
+    finalize_plan,
+)
 from graphopt.passes.quantize.quantizer import Quantizer
-from graphopt.quant.qparams import sqnr_db
 
 logger = logging.getLogger(__name__)
 
@@ -187,35 +193,36 @@ class PtqPass(Pass[PtqOptions]):
         plan.calibration = analysis
         finalize_plan(plan, calib, config)
 
-        reference: bytes | None = None
-        want_eval = o.layer_sqnr or o.max_loss is not None
-        if want_eval:
-            reference = ir.serde.serialize_model(model).SerializeToString()
-
-        if o.max_loss is not None and reference is not None:
-            loss, restored = _fit_max_loss(model, plan, ctx, am, reference, o.max_loss, config, calib)
-            stats["output_loss"] = loss
-            stats["kept_float_for_max_loss"] = restored
-
-        insert = InsertQDQPass(plan, ctx)
-        result = insert.run(model, ctx, am)
-        stats.update(result.stats)
-        stats.update(plan.summary())
-        stats["target"] = quantizer.name
-        stats["observer"] = o.calib
-        stats["calibration_samples"] = calib.samples
-        stats["calibration_seconds"] = round(calib.seconds, 2)
-        stats["activation_spec"] = quantizer.activation_spec.to_text()
-        weights = [u.weight.spec.to_text() for u in plan.live_units() if u.weight is not None]
-        if weights:
-            stats["weight_spec"] = sorted(set(weights))
-        reasons = [s.reason for s in plan.skipped]
-        stats["skip_reasons"] = reasons[:50] + ([f"... {len(reasons) - 50} more"] if len(reasons) > 50 else [])
-        if o.layer_sqnr and reference is not None:
-            try:
-                stats["layer_sqnr_db"] = _layer_sqnr(reference, model, plan, ctx)
-            except Exception as e:  # noqa: BLE001 - a report, never a failure
-                logger.warning("ptq: per-node SQNR not measured: %s", e)
+        with contextlib.ExitStack() as stack:
+            evaluator: _Evaluator | None = None
+            if o.layer_sqnr or o.max_loss is not None:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-ptq-")))
+                reference = ir.serde.serialize_model(model).SerializeToString()
+                probes = [v for _, x, y in _unit_values(plan) for v in (x, y)]
+                evaluator = _Evaluator(reference, _eval_feeds(ctx), probes, scratch)
+                if o.max_loss is not None:
+                    loss, restored = _fit_max_loss(
+                        model, plan, ctx, evaluator, reference, o.max_loss, config, calib
+                    )
+                    stats["output_loss"] = loss
+                    stats["kept_float_for_max_loss"] = restored
+                del reference
+            result = InsertQDQPass(plan, ctx).run(model, ctx, am)
+            stats.update(result.stats)
+            stats.update(plan.summary())
+            stats["target"] = quantizer.name
+            stats["observer"] = o.calib
+            stats["calibration_samples"] = calib.samples
+            stats["calibration_seconds"] = round(calib.seconds, 2)
+            stats["activation_spec"] = quantizer.activation_spec.to_text()
+            weights = [u.weight.spec.to_text() for u in plan.live_units() if u.weight is not None]
+            if weights:
+                stats["weight_spec"] = sorted(set(weights))
+            reasons = [s.reason for s in plan.skipped]
+            more = [f"... {len(reasons) - 50} more"] if len(reasons) > 50 else []
+            stats["skip_reasons"] = reasons[:50] + more
+            if evaluator is not None and o.layer_sqnr and plan.live_units():
+                stats["layer_sqnr_db"] = _layer_sqnr(evaluator, model, _unit_values(plan))
         modified = bool(result.modified or upgraded)
         return PassResult(model, modified, preserved=PreservedAnalyses.none(), stats=stats)
 
@@ -265,74 +272,15 @@ def _eval_feeds(ctx: PassContext, n: int = EVAL_FEEDS) -> list[Mapping[str, np.n
     return feeds
 
 
-def _session(data: bytes, scratch: Path, name: str, extra_outputs: Sequence[tuple[str, int]] = ()) -> Any:
-    from graphopt.verify.runner import make_session
-
-    proto = onnx.ModelProto()
-    proto.ParseFromString(data)
-    existing = {o.name for o in proto.graph.output}
-    for value, elem in extra_outputs:
-        if value not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(value, elem, None))
-    path = scratch / name
-    if proto.ByteSize() > 2**31 - 1024:
-        onnx.save_model(proto, str(path), save_as_external_data=True, location=name + ".data")
-    else:
-        path.write_bytes(proto.SerializeToString())
-    return make_session(path, threads=2, optimize=False)
-
-
-def _run(session: Any, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-    wanted = {i.name for i in session.get_inputs()}
-    out = session.run(list(names), {k: v for k, v in feed.items() if k in wanted})
-    return dict(zip(names, out, strict=True))
-
-
-def _layer_sqnr(reference: bytes, model: ir.Model, plan: QuantPlan, ctx: PassContext) -> dict[str, float]:
-    """Output SQNR (dB) of every quantized node, float model vs quantized model."""
-    outputs = []
-    for u in plan.live_units():
-        out = u.node.outputs[0]
-        if out.name and out.dtype == ir.DataType.FLOAT:
-            outputs.append((u.node.name or out.name, out.name))
-    extra = [(v, onnx.TensorProto.FLOAT) for _, v in outputs]
-    feeds = _eval_feeds(ctx, 2)
-    if not feeds or not outputs:
-        return {}
-    with tempfile.TemporaryDirectory(prefix="graphopt-ptq-") as scratch:
-        quantized = ir.serde.serialize_model(model).SerializeToString()
-        ref_s = _session(reference, Path(scratch), "float.onnx", extra)
-        q_s = _session(quantized, Path(scratch), "quant.onnx", extra)
-        names = [v for _, v in outputs]
-        signal: dict[str, float] = dict.fromkeys(names, 0.0)
-        noise: dict[str, float] = dict.fromkeys(names, 0.0)
-        for feed in feeds:
-            a = _run(ref_s, feed, names)
-            b = _run(q_s, feed, names)
-            for n in names:
-                r = a[n].astype(np.float64)
-                signal[n] += float(np.sum(r * r))
-                noise[n] += float(np.sum((r - b[n].astype(np.float64)) ** 2))
-    result = {}
-    for label, n in outputs:
-        if noise[n] == 0:
-            result[label] = math.inf
-        elif signal[n] == 0:
-            result[label] = -math.inf
-        else:
-            result[label] = round(10 * math.log10(signal[n] / noise[n]), 2)
-    return result
-
-
 def output_loss(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> float:
-    """``1 - cosine`` between float and quantized outputs, worst over float outputs."""
+    """``1 - cosine`` between float and quantized outputs (each flattened), worst output."""
     worst = 0.0
     for name, r in ref.items():
         if r.dtype.kind != "f" or name not in got:
             continue
         a = r.astype(np.float64).reshape(-1)
         b = got[name].astype(np.float64).reshape(-1)
-        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
         if na == 0 and nb == 0:
             continue
         cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
@@ -340,92 +288,75 @@ def output_loss(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) ->
     return worst
 
 
-def _fit_max_loss(
-    model: ir.Model,
-    plan: QuantPlan,
-    ctx: PassContext,
-    am: AnalysisManager,
-    reference: bytes,
-    max_loss: float,
-    config: QuantConfig,
-    calib: ActivationStats,
-) -> tuple[float, list[str]]:
-    """Returns the most sensitive units to float until the output loss is within bound.
+@dataclasses.dataclass
+class _Evaluation:
+    loss: float
+    signal: dict[str, float]
+    noise: dict[str, float]
 
-    Sensitivity of a unit: the output loss when only that unit is quantized... is too
-    costly (one model per unit); instead each unit's own output SQNR in the fully
-    quantized model ranks them (lowest first), and units are returned to float in
-    doubling batches, measuring the output loss after each batch.
-    """
-    from graphopt.passes.quantize.plan import build_groups, compute_group_qparams
+    def relative_noise(self, value: str) -> float:
+        s = self.signal.get(value, 0.0)
+        return self.noise.get(value, 0.0) / s if s > 0 else 0.0
 
-    feeds = _eval_feeds(ctx)
-    if not feeds:
-        return 0.0, []
-    ref_proto = reference
+    def sqnr_db(self, value: str) -> float:
+        n, s = self.noise.get(value, 0.0), self.signal.get(value, 0.0)
+        if n == 0:
+            return math.inf
+        if s == 0:
+            return -math.inf
+        return 10 * math.log10(s / n)
 
-    def trial(dropped: set[int]) -> tuple[float, dict[str, float]]:
-        trial_model = ir.serde.deserialize_model(_parse(ref_proto))
-        trial_plan = _replay_plan(trial_model, plan, dropped, config, calib)
-        InsertQDQPass(trial_plan, ctx).run(trial_model, ctx, AnalysisManager(ctx))
-        with tempfile.TemporaryDirectory(prefix="graphopt-ptq-") as scratch:
-            outs = [o.name for o in model.graph.outputs if o.name]
-            unit_outs = [
-                (u.node.name, u.node.outputs[0].name)
-                for u in plan.live_units()
-                if u.node.outputs[0].name and u.node.outputs[0].dtype == ir.DataType.FLOAT
-            ]
-            extra = [(v, onnx.TensorProto.FLOAT) for _, v in unit_outs]
-            ref_s = _session(ref_proto, Path(scratch), "float.onnx", extra)
-            q_s = _session(
-                ir.serde.serialize_model(trial_model).SerializeToString(),
-                Path(scratch), "quant.onnx", extra,
+
+class _Evaluator:
+    """The float model's outputs and probe values on a few calibration feeds, compared
+    with a candidate's (sessions with optimizations off)."""
+
+    def __init__(
+        self, reference: bytes, feeds: Sequence[Mapping[str, np.ndarray]], probes: Sequence[str],
+        scratch: Path,
+    ) -> None:
+        self.scratch = scratch
+        proto = _parse(reference)
+        self.outputs = [o.name for o in proto.graph.output]
+        self.probes = list(dict.fromkeys(probes))
+        self.extra = [p for p in self.probes if p not in self.outputs]
+        session = self._session(reference, "float.onnx")
+        self.feeds = list(feeds)
+        self.expected = [_run(session, f, self.outputs + self.extra) for f in self.feeds]
+        del session
+
+    def _session(self, data: bytes, name: str) -> Any:
+        from graphopt.verify.runner import make_session
+
+        proto = _parse(data)
+        for value in self.extra:
+            proto.graph.output.append(
+                onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None)
             )
-            names = outs + [v for _, v in unit_outs if v not in outs]
-            loss = 0.0
-            sig: dict[str, float] = {}
-            noi: dict[str, float] = {}
-            for feed in feeds:
-                a = _run(ref_s, feed, names)
-                b = _run(q_s, feed, names)
-                loss = max(loss, output_loss({k: a[k] for k in outs}, {k: b[k] for k in outs}))
-                for label, v in unit_outs:
-                    r = a[v].astype(np.float64)
-                    sig[label] = sig.get(label, 0.0) + float(np.sum(r * r))
-                    noi[label] = noi.get(label, 0.0) + float(np.sum((r - b[v]) ** 2))
-        sq = {k: (10 * math.log10(sig[k] / noi[k]) if noi[k] > 0 and sig[k] > 0 else math.inf) for k in sig}
-        return loss, sq
+        path = self.scratch / name
+        if proto.ByteSize() > 2**31 - 1024:
+            onnx.save_model(proto, str(path), save_as_external_data=True, location=name + ".data")
+        else:
+            path.write_bytes(proto.SerializeToString())
+        return make_session(path, threads=2, optimize=False)
 
-    dropped: set[int] = set()
-    loss, sqnr = trial(dropped)
-    logger.info("ptq: output loss with every node quantized: %.5f (bound %g)", loss, max_loss)
-    order = sorted(
-        (i for i, u in enumerate(plan.units) if u.live),
-        key=lambda i: sqnr.get(plan.units[i].node.name, math.inf),
-    )
-    batch = 1
-    while loss > max_loss and len(dropped) < len(order):
-        for i in order:
-            if len(dropped) >= len(order):
-                break
-            if i in dropped:
-                continue
-            dropped.add(i)
-            if sum(1 for j in order if j in dropped) >= batch:
-                break
-        loss, _ = trial(dropped)
-        logger.info("ptq: %d nodes in float: output loss %.5f", len(dropped), loss)
-        batch *= 2
-    restored = []
-    for i in sorted(dropped):
-        unit = plan.units[i]
-        plan.drop_unit(unit, f"{unit.node.name or unit.node.op_type}: kept in float for max_loss",
-                       "max-loss")
-        restored.append(unit.node.name or unit.node.op_type)
-    if dropped:
-        build_groups(plan, config)
-        compute_group_qparams(plan, calib)
-    return loss, restored
+    def evaluate(self, candidate: ir.Model) -> _Evaluation:
+        data = ir.serde.serialize_model(candidate).SerializeToString()
+        session = self._session(data, "candidate.onnx")
+        loss = 0.0
+        signal: dict[str, float] = dict.fromkeys(self.probes, 0.0)
+        noise: dict[str, float] = dict.fromkeys(self.probes, 0.0)
+        for feed, want in zip(self.feeds, self.expected, strict=True):
+            got = _run(session, feed, self.outputs + self.extra)
+            loss = max(
+                loss,
+                output_loss({k: want[k] for k in self.outputs}, {k: got[k] for k in self.outputs}),
+            )
+            for p in self.probes:
+                r = want[p].astype(np.float64)
+                signal[p] += float(np.sum(r * r))
+                noise[p] += float(np.sum((r - got[p].astype(np.float64)) ** 2))
+        return _Evaluation(loss, signal, noise)
 
 
 def _parse(data: bytes) -> onnx.ModelProto:
@@ -434,34 +365,133 @@ def _parse(data: bytes) -> onnx.ModelProto:
     return proto
 
 
-def _replay_plan(
-    model: ir.Model, plan: QuantPlan, dropped: set[int], config: QuantConfig, calib: ActivationStats
-) -> QuantPlan:
-    """The same plan on a fresh copy of the model (matched by node position)."""
-    from graphopt.passes.quantize.plan import build_groups, compute_group_qparams
+def _run(session: Any, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    wanted = {i.name for i in session.get_inputs()}
+    out = session.run(list(names), {k: v for k, v in feed.items() if k in wanted})
+    return dict(zip(names, out, strict=True))
 
-    nodes = list(model.graph)
-    index = {id(n): i for i, n in enumerate(plan.units[0].node.graph or [])} if plan.units else {}
+
+def _unit_values(plan: QuantPlan) -> list[tuple[str, str, str]]:
+    """(label, input value, output value) of each live unit with float names."""
+    rows = []
+    for u in plan.live_units():
+        x = u.activations[0].value
+        y = u.node.outputs[0]
+        if x.name and y.name and y.dtype == ir.DataType.FLOAT:
+            rows.append((u.node.name or y.name, x.name, y.name))
+    return rows
+
+
+def _layer_sqnr(evaluator: _Evaluator, model: ir.Model, rows: Sequence[tuple[str, str, str]]) -> dict[str, float]:
+    """Output SQNR (dB) of every quantized node, float model vs quantized model."""
+    result = evaluator.evaluate(model)
+    return {label: round(result.sqnr_db(y), 2) for label, _, y in rows}
+
+
+def _replay(model: ir.Model, plan: QuantPlan, copy: ir.Model, dropped: set[int],
+            config: QuantConfig, calib: ActivationStats) -> QuantPlan:
+    """The plan, without the units in ``dropped``, on a copy of the model (nodes matched
+    by position)."""
+    position = {id(n): i for i, n in enumerate(model.graph)}
+    nodes = list(copy.graph)
+
+    def move(e: Any) -> Any:
+        return dataclasses.replace(e, node=nodes[position[id(e.node)]], group=None)
+
     fresh = QuantPlan(target=plan.target)
-    mapping: dict[int, Any] = {}
+    kept: set[int] = set()
     for i, unit in enumerate(plan.units):
         if not unit.live or i in dropped:
             continue
-        pos = index[id(unit.node)]
-        node = nodes[pos]
-        mapping[id(unit.node)] = node
-        new = dataclasses.replace(
+        kept.add(id(unit.node))
+        fresh.units.append(dataclasses.replace(
             unit,
-            node=node,
-            activations=[dataclasses.replace(e, node=node) for e in unit.activations],
-            weight=dataclasses.replace(unit.weight, node=node) if unit.weight else None,
-            bias=dataclasses.replace(unit.bias, node=node) if unit.bias else None,
-        )
-        fresh.units.append(new)
+            node=nodes[position[id(unit.node)]],
+            activations=[move(e) for e in unit.activations],
+            weight=move(unit.weight) if unit.weight else None,
+            bias=move(unit.bias) if unit.bias else None,
+        ))
     for edge_set in plan.shared:
-        fresh.shared.append(
-            [dataclasses.replace(e, node=mapping[id(e.node)]) for e in edge_set if id(e.node) in mapping]
-        )
+        fresh.shared.append([move(e) for e in edge_set if id(e.node) in kept])
     build_groups(fresh, config)
     compute_group_qparams(fresh, calib)
     return fresh
+
+
+def _fit_max_loss(
+    model: ir.Model,
+    plan: QuantPlan,
+    ctx: PassContext,
+    evaluator: _Evaluator,
+    reference: bytes,
+    max_loss: float,
+    config: QuantConfig,
+    calib: ActivationStats,
+) -> tuple[float, list[str]]:
+    """Returns the most harmful nodes to float until the output loss is within bound.
+
+    Harm of a node: the relative noise it adds, ``noise/signal`` of its output minus that
+    of its (pre-quantization) input, measured once with every node quantized. Nodes go
+    back to float in that order in doubling batches (1, 2, 4, ...), the output loss
+    measured on a fresh quantized copy after each batch.
+    """
+    live = [i for i, u in enumerate(plan.units) if u.live]
+    labels = {r[0]: r for r in _unit_values(plan)}
+    rows = {
+        i: labels.get(plan.units[i].node.name or plan.units[i].node.outputs[0].name or "")
+        for i in live
+    }
+
+    def trial(dropped: set[int]) -> _Evaluation:
+        copy = ir.serde.deserialize_model(_parse(reference))
+        trial_plan = _replay(model, plan, copy, dropped, config, calib)
+        if trial_plan.units:
+            InsertQDQPass(trial_plan, ctx).run(copy, ctx, AnalysisManager(ctx))
+        return evaluator.evaluate(copy)
+
+    first = trial(set())
+    loss = first.loss
+    logger.info("ptq: output loss with every node quantized: %.3g (max_loss %g)", loss, max_loss)
+
+    def harm(i: int) -> float:
+        row = rows.get(i)
+        if row is None:
+            return 0.0
+        _, x, y = row
+        return first.relative_noise(y) - first.relative_noise(x)
+
+    order = sorted(live, key=harm, reverse=True)
+    losses: dict[int, float] = {0: loss, len(order): 0.0}
+
+    def loss_with(k: int) -> float:
+        """Output loss with the ``k`` most harmful nodes in float."""
+        if k not in losses:
+            losses[k] = trial(set(order[:k])).loss
+            logger.info("ptq: %d nodes in float: output loss %.3g", k, losses[k])
+        return losses[k]
+
+    # Doubling to bracket the smallest prefix that meets the bound, then bisection.
+    lo, hi = 0, 1
+    while loss > max_loss and hi < len(order) and loss_with(hi) > max_loss:
+        lo, hi = hi, min(2 * hi, len(order))
+    if loss <= max_loss:
+        hi = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if loss_with(mid) <= max_loss:
+            hi = mid
+        else:
+            lo = mid
+    loss = loss_with(hi)
+    dropped = set(order[:hi])
+    restored = []
+    for i in order:
+        if i in dropped:
+            unit = plan.units[i]
+            label = unit.node.name or unit.node.op_type
+            plan.drop_unit(unit, f"{label}: kept in float for max_loss={max_loss:g}", "max-loss")
+            restored.append(label)
+    if dropped:
+        build_groups(plan, config)
+        compute_group_qparams(plan, calib)
+    return loss, restored

@@ -118,13 +118,16 @@ def test_max_loss_keeps_sensitive_nodes_in_float() -> None:
 
 def test_max_loss_bound_holds_when_reachable() -> None:
     feeds = images(4)
+    full = run_pass(PtqPass(PtqOptions(calib="minmax", max_loss=0.9)), convnet(seed=1), context(feeds))
+    assert full.stats["nodes_quantized"] == 3 and full.stats["kept_float_for_max_loss"] == []
+    bound = full.stats["output_loss"] / 3
     model = convnet(seed=1)
-    full = run_pass(PtqPass(PtqOptions(calib="minmax")), convnet(seed=1), context(feeds))
-    assert full.stats["nodes_quantized"] == 3
-    bound = 1e-4
     result = run_pass(PtqPass(PtqOptions(calib="minmax", max_loss=bound)), model, context(feeds))
     assert result.stats["output_loss"] <= bound
-    assert 0 < len(result.stats["kept_float_for_max_loss"]) <= 3
+    kept = result.stats["kept_float_for_max_loss"]
+    assert 0 < len(kept) < 3, kept
+    assert result.stats["nodes_quantized"] == 3 - len(kept)
+    assert result.stats["skipped"]["max-loss"] == len(kept)
 
 
 def test_samples_option_limits_calibration() -> None:
