@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 
+#: Distinct shapes remembered per value (the statistics stay constant-size).
+_MAX_SHAPES = 64
 #: Single-file protobuf limit; larger copies are written with external data.
 _PROTO_LIMIT = 2**31 - 1024
 
@@ -73,6 +75,8 @@ class ActivationStats:
         samples: Calibration feeds seen.
         seconds: Wall time of the calibration runs.
         observer: The observers' registry name.
+        shapes: The shapes each value took across feeds.
+        octaves: Per value, which orders of magnitude its entries occupy (fill detection).
     """
 
     observers: dict[str, Observer]
@@ -213,11 +217,11 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
     def run(self, model: ir.Model, am: AnalysisManager, ctx: PassContext) -> ActivationStats:
         graph = model.graph
         by_name: dict[str, ir.Value] = {}
-        for v in graph.inputs:
-            if v.name:
-                by_name[v.name] = v
-        for name, v in graph.initializers.items():
-            by_name.setdefault(name, v)
+        for inp in graph.inputs:
+            if inp.name:
+                by_name[inp.name] = inp
+        for name, init in graph.initializers.items():
+            by_name.setdefault(name, init)
         for node in graph:
             for out in node.outputs:
                 if out.name:
@@ -247,6 +251,7 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
 
         started = time.perf_counter()
         samples = 0
+        feeds = ctx.calibration_feeds()  # fails before any session is built without data
         with tempfile.TemporaryDirectory(prefix="graphopt-calib-") as scratch:
             session = (
                 _session_with_outputs(model, computed, Path(scratch), self.threads)
@@ -255,7 +260,7 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
             )
             progress = _LazyProgress(self.progress_after_s, _total_feeds(ctx), self.name)
             try:
-                for index, feed in enumerate(ctx.calibration_feeds()):
+                for index, feed in enumerate(feeds):
                     arrays: dict[str, np.ndarray] = {}
                     for v in fed:
                         if v not in feed:
@@ -268,7 +273,8 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
                     for v, arr in arrays.items():
                         observers[v].update(arr, sample=index)
                         octaves[v].update(arr)
-                        shapes[v].add(tuple(arr.shape))
+                        if len(shapes[v]) < _MAX_SHAPES:
+                            shapes[v].add(tuple(arr.shape))
                     del arrays
                     samples += 1
                     progress.advance()
@@ -309,7 +315,7 @@ def _total_feeds(ctx: PassContext) -> int | None:
 
 
 def _value_info(value: ir.Value) -> onnx.ValueInfoProto | None:
-    if value.dtype is None:
+    if value.dtype is None or value.name is None:
         return None
     return onnx.helper.make_tensor_value_info(value.name, int(value.dtype), None)
 
@@ -362,7 +368,7 @@ def _run(
     missing = wanted - set(selected)
     if missing:
         raise CalibrationError(
-            f"calibration sample {index}: no array for graph input '{sorted(missing)[0]}'"
+            f"calibration sample {index}: no array for graph input '{min(missing)}'"
         )
     try:
         results = session.run(list(names), selected)

@@ -21,6 +21,11 @@ optimizations on; docs/bench/ptq.md has the full table):
   MatMul + Add into QGemm (an MLP's last layer would otherwise stay a float Gemm on
   dequantized operands). Not on 3-D MatMuls, where ORT fuses the float bias into
   SkipLayerNormalization/BiasGelu (an int32 bias there cost 8% on MiniLM).
+* Embedding tables (a constant 2-D float ``Gather`` table of >= 16384 elements, e.g.
+  MiniLM's 46.9 MB word embeddings, which ORT's dynamic quantizer keeps in fp32): stored
+  as s8 with one scale per column (39 dB), gathered as int8 and dequantized after the
+  lookup (no full-table dequantization per run). MiniLM: file 0.65 -> 0.26 of fp32,
+  cosine unchanged (0.9939).
 * Pass-through ops (Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Slice, Split, MaxPool,
   Identity) and Concat share one scale with their input(s) when every consumer is
   quantized: ``DQ -> op -> Q`` with equal parameters runs on integers (ORT drops the pair).
@@ -99,6 +104,7 @@ class OrtQuantizer(Quantizer):
     compute_ops: ClassVar[frozenset[str]] = frozenset({"Conv", "MatMul", "Gemm"})
     residual_adds: ClassVar[bool] = False
     matmul_add_bias: ClassVar[bool] = True
+    embedding_gathers: ClassVar[bool] = True
 
     def default_reduce_range(self) -> bool:
         """7-bit weights exactly where this CPU's u8 x s8 kernel would saturate."""

@@ -117,7 +117,7 @@ def test_observer_kwargs_reach_the_observers() -> None:
     stats = AnalysisManager(_ctx(feeds)).get(
         ActivationStatsAnalysis(("x",), "percentile", percentile=99.0), _model()
     )
-    lo, hi = stats.range("x")
+    _lo, hi = stats.range("x")
     assert float(hi) < 2.0  # the outlier is clipped by the percentile ...
     assert stats.extremes("x")[1] == 50.0  # ... but the exact extreme is kept
 

@@ -234,7 +234,7 @@ class InsertQDQPass(Pass[NoOptions]):
                 q_init = initializer(f"{base}_quantized", codes)
                 s_init = initializer(f"{base}_scale", qp.scale)
                 z_init = initializer(f"{base}_zero_point", qp.zero_point)
-                attrs = {"axis": int(spec.axis)} if spec.per_channel else {}
+                attrs = {"axis": int(spec.axis)} if spec.axis is not None else {}
                 out = ir.Value(
                     name=names(f"{base}_dequantized"),
                     type=ir.TensorType(ir.DataType.FLOAT),
@@ -274,6 +274,59 @@ class InsertQDQPass(Pass[NoOptions]):
             counters.biases += 1
             counters.nodes += 1
 
+        # -- embedding tables: Gather(int8) -> DequantizeLinear(axis=-1) ---------------
+        tables: dict[tuple[int, Any], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        for edge in plan.gathers:
+            gather = edge.node
+            table = edge.value
+            key = (id(table), edge.spec)
+            if key not in tables:
+                array = np.asarray(constant_array(table), dtype=np.float32)
+                qp = _weight_qparams(array, edge.spec, table.name or "table")
+                codes = quantize(array, qp, edge.spec, edge.spec.axis, value_name=table.name or "table")
+                base = table.name or "table"
+                tables[key] = (
+                    initializer(f"{base}_quantized", codes),
+                    initializer(f"{base}_scale", qp.scale),
+                    initializer(f"{base}_zero_point", qp.zero_point),
+                )
+                originals.append(table)
+                counters.weights += 1
+                counters.float_bytes += array.nbytes
+                counters.int_bytes += codes.nbytes
+            q_table, scale, zero = tables[key]
+            old_out = gather.outputs[0]
+            name = gather.name
+            indices = gather.inputs[1]
+            codes_out = ir.Value(
+                name=names(f"{old_out.name or 'gather'}_quantized"),
+                type=ir.TensorType(ir.DataType.INT8),
+                shape=ir.Shape(old_out.shape) if old_out.shape is not None else None,
+            )
+            new_gather = ir.node(
+                "Gather", [q_table, indices], {"axis": 0}, outputs=[codes_out],
+                name=names(f"{name or 'Gather'}_int8"),
+            )
+            dq_out = ir.Value(
+                name=names(f"{old_out.name or 'gather'}_dequantized"),
+                type=ir.TensorType(ir.DataType.FLOAT),
+                shape=ir.Shape(old_out.shape) if old_out.shape is not None else None,
+            )
+            dq = ir.node(
+                "DequantizeLinear", [codes_out, scale, zero], {"axis": -1}, outputs=[dq_out],
+                name=names(f"{name or 'Gather'}_DequantizeLinear"),
+            )
+            graph.insert_after(gather, [new_gather, dq])
+            old_out.replace_all_uses_with(dq_out)
+            graph.remove(gather, safe=True)
+            # The lookup keeps its node name and its output's name.
+            if name:
+                names.used.discard(new_gather.name or "")
+                new_gather.name = name
+            if old_out.name:
+                dq_out.name = old_out.name
+            counters.nodes += 2
+
         removed = _remove_unused(graph, originals)
         stats: dict[str, Any] = {
             "activations_quantized": counters.activations,
@@ -283,6 +336,8 @@ class InsertQDQPass(Pass[NoOptions]):
             "float_tensors_removed": removed,
             "weight_bytes": {"float": counters.float_bytes, "int8": counters.int_bytes},
         }
+        if tables:
+            stats["embedding_tables_quantized"] = len(tables)
         model.meta.pop(PLAN_META_KEY, None)
         modified = counters.nodes > 0
         return PassResult(model, modified, preserved=PreservedAnalyses.none(), stats=stats)
@@ -376,7 +431,7 @@ def _remove_unused(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
         seen.add(id(v))
         if list(v.uses()) or v.is_graph_output() or v.is_graph_input():
             continue
-        if v.is_initializer() and v.name in graph.initializers:
+        if v.is_initializer() and v.name is not None and v.name in graph.initializers:
             graph.initializers.pop(v.name)
             removed += 1
             continue

@@ -29,7 +29,6 @@ it stays in float.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -184,6 +183,9 @@ class QuantPlan:
         groups: Activation groups by id.
         skipped: What stays in float and why.
         calibration: The analysis whose result gave the ranges (cached by the manager).
+        shared: Sets of activation edges that must share one group.
+        gathers: Embedding tables (``Gather`` data inputs) stored as int8 and gathered
+            before dequantization (weight-only; no calibration needed).
     """
 
     target: str
@@ -192,6 +194,7 @@ class QuantPlan:
     skipped: list[Skip] = field(default_factory=list)
     calibration: Any = None
     shared: list[list[Edge]] = field(default_factory=list)
+    gathers: list[Edge] = field(default_factory=list)
 
     def live_units(self) -> list[QuantUnit]:
         return [u for u in self.units if u.live]
@@ -215,11 +218,12 @@ class QuantPlan:
         for s in self.skipped:
             by_category[s.category] = by_category.get(s.category, 0) + 1
         live = self.live_units()
-        return {
+        out: dict[str, Any] = {
             "nodes_quantized": len(live),
             "nodes_by_op": _count(u.node.op_type for u in live),
             "skipped": by_category,
         }
+        return out
 
 
 def _count(items: Iterable[str]) -> dict[str, int]:
@@ -429,7 +433,7 @@ def finalize_plan(plan: QuantPlan, stats: Any, config: QuantConfig) -> None:
             ``plan.activation_values()``.
         config: For ``huge_factor``.
     """
-    min_gap = max(1, int(math.floor(math.log2(config.huge_factor))))
+    min_gap = max(1, math.floor(math.log2(config.huge_factor)))
     has_octaves = bool(getattr(stats, "octaves", None))
     magnitudes: dict[str, float] = {}
     for name in plan.activation_values():
@@ -492,7 +496,3 @@ def compute_group_qparams(plan: QuantPlan, stats: Any) -> None:
             lo, hi, group.spec, value_name=",".join(group.value_names()[:3])
         )
 
-
-def replace_spec(edge: Edge, **changes: Any) -> None:
-    """Changes fields of an edge's spec in place (policy helper)."""
-    edge.spec = dataclasses.replace(edge.spec, **changes)

@@ -60,6 +60,9 @@ Calib = Literal["minmax", "percentile", "entropy", "mse"]
 
 #: Calibration feeds used to measure per-node SQNR and the output loss.
 EVAL_FEEDS = 4
+#: Up to this many nodes, max_loss ranks nodes by the output loss with each quantized
+#: alone (one model run per node); beyond, by the noise each adds in one run.
+ISOLATED_SENSITIVITY_MAX = 64
 
 
 def get_quantizer(target: str) -> Quantizer:
@@ -183,13 +186,16 @@ class PtqPass(Pass[PtqOptions]):
         quantizer = get_quantizer(ctx.target)
         config = self.config()
         plan = quantizer.annotate(model, config)
-        if not plan.units:
+        if not plan.units and not plan.gathers:
             stats.update(plan.summary())
             stats["skip_reasons"] = [s.reason for s in plan.skipped][:50]
             return PassResult(model, upgraded, preserved=PreservedAnalyses.none(), stats=stats)
 
         analysis = self.calibration_analysis(plan, quantizer)
-        calib = am.get(analysis, model)
+        if analysis.values:
+            calib = am.get(analysis, model)
+        else:  # weight-only (embedding tables): nothing to calibrate
+            calib = ActivationStats({}, 0, 0.0, o.calib)
         plan.calibration = analysis
         finalize_plan(plan, calib, config)
 
@@ -430,10 +436,11 @@ def _fit_max_loss(
 ) -> tuple[float, list[str]]:
     """Returns the most harmful nodes to float until the output loss is within bound.
 
-    Harm of a node: the relative noise it adds, ``noise/signal`` of its output minus that
-    of its (pre-quantization) input, measured once with every node quantized. Nodes go
-    back to float in that order in doubling batches (1, 2, 4, ...), the output loss
-    measured on a fresh quantized copy after each batch.
+    Harm of a node: the output loss with that node alone quantized (up to
+    :data:`ISOLATED_SENSITIVITY_MAX` nodes), else the relative noise it adds (``noise /
+    signal`` of its output minus that of its input) with every node quantized. The
+    smallest prefix of that order whose return to float meets the bound is found by
+    doubling then bisection, each step measured on a fresh quantized copy.
     """
     live = [i for i, u in enumerate(plan.units) if u.live]
     labels = {r[0]: r for r in _unit_values(plan)}
@@ -453,14 +460,21 @@ def _fit_max_loss(
     loss = first.loss
     logger.info("ptq: output loss with every node quantized: %.3g (max_loss %g)", loss, max_loss)
 
-    def harm(i: int) -> float:
+    def noise_added(i: int) -> float:
         row = rows.get(i)
         if row is None:
             return 0.0
         _, x, y = row
         return first.relative_noise(y) - first.relative_noise(x)
 
-    order = sorted(live, key=harm, reverse=True)
+    if loss <= max_loss:
+        return loss, []
+    if len(live) <= ISOLATED_SENSITIVITY_MAX:
+        # Exact: the output loss with only that node quantized (one trial per node).
+        isolated = {i: trial(set(live) - {i}).loss for i in live}
+        order = sorted(live, key=lambda i: (isolated[i], noise_added(i)), reverse=True)
+    else:
+        order = sorted(live, key=noise_added, reverse=True)
     losses: dict[int, float] = {0: loss, len(order): 0.0}
 
     def loss_with(k: int) -> float:

@@ -22,7 +22,8 @@ def _units(plan: QuantPlan) -> dict[str, object]:
     return {u.node.name: u for u in plan.units if u.live}
 
 
-def _finalize(model, plan: QuantPlan, feeds, config: QuantConfig = QuantConfig()) -> None:  # type: ignore[no-untyped-def]
+def _finalize(model, plan: QuantPlan, feeds, config: QuantConfig | None = None) -> None:  # type: ignore[no-untyped-def]
+    config = config or QuantConfig()
     stats = AnalysisManager(context(feeds)).get(
         ActivationStatsAnalysis(tuple(plan.activation_values())), model
     )
@@ -217,29 +218,42 @@ def test_huge_but_finite_range_is_skipped_too() -> None:
     assert any(s.category == "huge-range" for s in plan.skipped)
 
 
-def test_tensorrt_policy_symmetric_and_residual_adds() -> None:
+def _residual_model(op: str) -> object:
+    """x -> op(W1) -> h; res = h + x; y = op(res, W2): a skip connection."""
     rng = np.random.default_rng(0)
-    model = make_model(
+    if op == "Conv":
+        shape, w_shape = [1, 4, 5, 5], (4, 4, 1, 1)
+    else:
+        shape, w_shape = [2, 4], (4, 4)
+    return make_model(
         [
-            oh.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
-            oh.make_node("Relu", ["h"], ["r"], name="relu"),
-            oh.make_node("Add", ["r", "x"], ["res"], name="residual"),
-            oh.make_node("MatMul", ["res", "W2"], ["y"], name="mm2"),
+            oh.make_node(op, ["x", "W1"], ["h"], name="layer1"),
+            oh.make_node("Add", ["h", "x"], ["res"], name="residual"),
+            oh.make_node(op, ["res", "W2"], ["y"], name="layer2"),
         ],
-        [oh.make_tensor_value_info("x", F, [2, 4])],
-        [oh.make_tensor_value_info("y", F, [2, 4])],
-        {"W1": rng.standard_normal((4, 4)).astype(np.float32),
-         "W2": rng.standard_normal((4, 4)).astype(np.float32)},
+        [oh.make_tensor_value_info("x", F, shape)],
+        [oh.make_tensor_value_info("y", F, shape)],
+        {"W1": rng.standard_normal(w_shape).astype(np.float32),
+         "W2": rng.standard_normal(w_shape).astype(np.float32)},
     )
+
+
+def test_tensorrt_policy_symmetric_and_residual_adds() -> None:
+    model = _residual_model("Conv")
     plan = TensorRTQuantizer().annotate(model, QuantConfig())
     units = _units(plan)
-    assert set(units) == {"mm1", "mm2", "residual"}
-    assert units["mm1"].activations[0].spec == ACT_S8_SYM  # type: ignore[attr-defined]
-    assert not units["mm1"].weight.spec.reduce_range  # type: ignore[attr-defined]
+    assert set(units) == {"layer1", "layer2", "residual"}
+    assert units["layer1"].activations[0].spec == ACT_S8_SYM  # type: ignore[attr-defined]
+    assert not units["layer1"].weight.spec.reduce_range  # type: ignore[attr-defined]
     add = units["residual"]
     assert add.activations[0].group == add.activations[1].group  # type: ignore[attr-defined]
     # The ort policy leaves the Add alone.
     assert "residual" not in _units(OrtQuantizer().annotate(model, QuantConfig()))
+
+
+def test_tensorrt_keeps_a_transformer_residual_stream_float() -> None:
+    plan = TensorRTQuantizer().annotate(_residual_model("MatMul"), QuantConfig())
+    assert set(_units(plan)) == {"layer1", "layer2"}
 
 
 def test_exclude_by_name_and_op_type() -> None:
@@ -298,3 +312,26 @@ def test_integer_and_non_compute_values_untouched(quantizer) -> None:  # type: i
     plan = quantizer.annotate(_attention_like(), QuantConfig())
     values = set(plan.activation_values())
     assert "keep" not in values and "p" not in values and "mask" not in values
+
+
+def test_control_flow_bodies_are_listed_not_quantized() -> None:
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "Wb")
+    branch = oh.make_graph(
+        [oh.make_node("Constant", [], ["Wb"], value=w), oh.make_node("MatMul", ["x", "Wb"], ["b_out"])],
+        "branch", [], [oh.make_tensor_value_info("b_out", F, [2, 4])],
+    )
+    model = make_model(
+        [
+            oh.make_node("MatMul", ["x", "W"], ["h"], name="outer"),
+            oh.make_node("If", ["cond"], ["y"], name="branchy", then_branch=branch, else_branch=branch),
+        ],
+        [oh.make_tensor_value_info("x", F, [2, 4]),
+         oh.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [oh.make_tensor_value_info("h", F, [2, 4]), oh.make_tensor_value_info("y", F, [2, 4])],
+        {"W": rng.standard_normal((4, 4)).astype(np.float32)},
+    )
+    plan = OrtQuantizer().annotate(model, QuantConfig())
+    assert set(_units(plan)) == {"outer"}
+    (skip,) = [s for s in plan.skipped if s.category == "subgraph"]
+    assert skip.what == "branchy" and "stay in float" in skip.reason

@@ -185,3 +185,53 @@ def test_insert_without_plan_is_an_error() -> None:
     ctx = PassContext()
     with pytest.raises(InvalidModelError, match="no quantization plan"):
         InsertQDQPass().run_with(mlp(), ctx, AnalysisManager(ctx))
+
+
+def _embedding_model(rows: int = 512, dim: int = 64) -> ir.Model:
+    rng = np.random.default_rng(0)
+    return make_model(
+        [
+            oh.make_node("Gather", ["table", "ids"], ["emb"], name="lookup"),
+            oh.make_node("MatMul", ["emb", "W"], ["y"], name="proj"),
+        ],
+        [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["batch", "seq"])],
+        [oh.make_tensor_value_info("y", F, ["batch", "seq", 8])],
+        {"table": rng.standard_normal((rows, dim)).astype(np.float32),
+         "W": rng.standard_normal((dim, 8)).astype(np.float32)},
+    )
+
+
+def test_embedding_table_is_gathered_as_int8() -> None:
+    model = _embedding_model()
+    table = _const(model.graph.initializers["table"]).copy()
+    rng = np.random.default_rng(1)
+    feeds = [{"ids": rng.integers(0, 512, (2, 5))} for _ in range(3)]
+    reference = ir.serde.serialize_model(model)
+    result = _ptq(model, feeds)
+    assert result.stats["embedding_tables_quantized"] == 1
+    lookup = node(model, "lookup")  # the node keeps its name ...
+    assert lookup.inputs[0].const_value.dtype == ir.DataType.INT8
+    (dq,) = [u.node for u in lookup.outputs[0].uses()]
+    assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].as_int() == -1
+    assert dq.outputs[0].name == "emb"  # ... and its output name
+    assert "table" not in model.graph.initializers
+    scale = _const(dq.inputs[1])
+    assert scale.shape == (64,)  # one scale per column
+    feed = {"ids": np.array([[0, 5, 511]])}
+    emb = outputs(model, feed)[0]
+    ref = outputs(reference, feed)[0]
+    assert np.corrcoef(emb.ravel(), ref.ravel())[0, 1] > 0.999
+    back = dequantize(_const(lookup.inputs[0]), QParams(scale, _const(dq.inputs[2])), axis=1)
+    assert np.all(np.abs(back - table) <= scale / 2 * (1 + 1e-6))
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def test_small_tables_and_tensorrt_keep_float_gathers() -> None:
+    model = _embedding_model(rows=16, dim=8)
+    rng = np.random.default_rng(1)
+    feeds = [{"ids": rng.integers(0, 16, (2, 5))}]
+    _ptq(model, feeds)
+    assert node(model, "lookup").inputs[0].name == "table"
+    model = _embedding_model()
+    run_pass(PtqPass(), model, context([{"ids": rng.integers(0, 512, (2, 5))}], target="tensorrt"))
+    assert node(model, "lookup").inputs[0].name == "table"
