@@ -27,6 +27,9 @@ SECTIONS: list[tuple[str, str]] = [
     ("fusion.md", "Fusion: CNNs and the onnx package's models"),
     ("ptq.md", "int8 post-training quantization"),
     ("calibration_memory.md", "Calibration memory"),
+    ("weight_only.md", "Weight-only low-bit quantization (RTN, GPTQ, AWQ)"),
+    ("kernels.md", "runtime_ext kernels: low-bit GEMV"),
+    ("pruning.md", "Structured pruning and sparsity"),
 ]
 
 HEADER = """# Benchmarks
