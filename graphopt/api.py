@@ -7,6 +7,7 @@ agrees within the pipeline's tolerance.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import resource
 import time
@@ -45,6 +46,9 @@ from graphopt.verify.verify import verify_model
 logger = logging.getLogger(__name__)
 
 from graphopt import __version__
+
+#: Calibration feeds verification uses when ``--calib`` is given and ``--inputs`` is not.
+VERIFY_CALIB_FEEDS = 2
 
 TARGETS = ("ort", "tensorrt", "ext", "portable")
 
@@ -217,6 +221,10 @@ def _optimize(
     )
     feeds = load_feeds(cfg.inputs, loaded.path) if cfg.inputs else None
     model = loaded.model
+    if feeds is None and cfg.calib is not None and cfg.verify:
+        # Real data verifies lossy pipelines better than generated feeds do.
+        feeds = list(itertools.islice(CalibrationDataset(cfg.calib, model), VERIFY_CALIB_FEEDS))
+        feeds = feeds or None
     size_before = io.model_files_size(loaded)
     hist_before = op_histogram(model)
     params_before = count_parameters(model)

@@ -250,9 +250,58 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
+#: Pass statistics shown in their own table rather than in the passes table's summary.
+_TABLE_STATS = frozenset({"layers", "layer_sqnr_db", "skip_reasons"})
+#: Rows of the per-layer quantization table in the terminal (the JSON has them all).
+LAYER_ROWS = 40
+
+
 def _stats_text(stats: Mapping[str, Any], limit: int = 60) -> str:
-    text = ", ".join(f"{k}={_value_text(v)}" for k, v in stats.items())
+    text = ", ".join(f"{k}={_value_text(v)}" for k, v in stats.items() if k not in _TABLE_STATS)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _layer_order(record: Mapping[str, Any]) -> tuple[int, float]:
+    """Returned to float first, then quantized by rising SQNR, then kept float."""
+    decision = str(record.get("decision", ""))
+    db = record.get("sqnr_db")
+    value = float(db) if isinstance(db, (int, float)) else math.inf
+    rank = 0 if decision.startswith("float (") else 1 if decision == "quantized" else 2
+    return rank, value
+
+
+def layers_table(name: str, layers: list[Mapping[str, Any]], limit: int = LAYER_ROWS) -> Table:
+    """Each layer a quantization pass considered: decision, output SQNR and reason.
+
+    Args:
+        name: The pass (title).
+        layers: ``{"node", "op", "decision", "reason", "sqnr_db"}`` records (a pass's
+            ``stats["layers"]``).
+        limit: Rows shown; the rest are counted in the caption.
+    """
+    rows = sorted(layers, key=_layer_order)
+    quantized = sum(1 for r in layers if r.get("decision") == "quantized")
+    table = Table(
+        box=box.SIMPLE, title=f"{name}: {quantized} of {len(layers)} layers quantized",
+        title_justify="left", pad_edge=False,
+    )
+    table.add_column("node")
+    table.add_column("op")
+    table.add_column("decision")
+    table.add_column("SQNR", justify="right")
+    table.add_column("reason", overflow="ellipsis", no_wrap=True, max_width=70)
+    for r in rows[:limit]:
+        db = r.get("sqnr_db")
+        table.add_row(
+            Text(str(r.get("node", ""))),
+            str(r.get("op", "")),
+            str(r.get("decision", "")),
+            format_db(float(db)) if isinstance(db, (int, float)) else "-",
+            Text(str(r.get("reason", ""))),
+        )
+    if len(rows) > limit:
+        table.caption = f"{len(rows) - limit} more layers in the JSON report"
+    return table
 
 
 # --------------------------------------------------------------------------- report
@@ -549,5 +598,9 @@ class Report:
         for table in (self._failures_table(), self._ops_table(), self._passes_table()):
             if table is not None:
                 console.print(table)
+        for record in self.passes:
+            layers = record.stats.get("layers")
+            if isinstance(layers, list) and layers:
+                console.print(layers_table(record.text or record.name, layers))
         for warning in self.warnings:
             console.print(Text(f"warning: {warning}", style="yellow"))

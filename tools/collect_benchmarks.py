@@ -34,7 +34,8 @@ SECTIONS: list[tuple[str, str]] = [
 
 HEADER = """# Benchmarks
 
-Measured on the project's machine kind: 2-core AMD EPYC (AVX2, no AVX-512/VNNI), ONNX
+Measured on the project's machine kind: 2-core x86-64 (lscpu on the measuring machine
+reports AVX2 and AVX-512 VNNI, although the brief describes it as AVX2-only), ONNX
 Runtime 1.32 on the CPU, `intra_op_num_threads=2`, spinning off. Latencies are **ratios**
 measured interleaved in one process (the machines are noisy: treat ratios within ±10% as
 equal). Each section names the command that regenerates it; `python

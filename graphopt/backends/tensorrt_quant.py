@@ -26,6 +26,8 @@ class TensorRTQuantizer(Quantizer):
     reduce_range: ClassVar[bool] = False
     compute_ops: ClassVar[frozenset[str]] = frozenset({"Conv", "MatMul", "Gemm"})
     residual_adds: ClassVar[bool] = True
+    #: TensorRT has no DynamicQuantizeLinear/MatMulInteger kernels: static only.
+    supports_dynamic: ClassVar[bool] = False
 
 
 __all__ = ["TensorRTQuantizer"]

@@ -151,6 +151,9 @@ def cli() -> None:
     """graphopt: compress and speed up ONNX models with verified graph transformations."""
 
 
+TOLERANCE_CHOICES = ["exact", "fusion", "fp16", "quantized", "weight-only", "pruned"]
+
+
 @cli.command()
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx.")
@@ -166,7 +169,7 @@ def cli() -> None:
 @click.option("--in-place", is_flag=True, help="Allow the output to be the input.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison (unsafe).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
-@click.option("--tolerance", type=click.Choice(["exact", "fusion", "fp16", "quantized"]),
+@click.option("--tolerance", type=click.Choice(TOLERANCE_CHOICES),
               help="Override the pipeline's verification tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker after every pass.")
@@ -271,11 +274,20 @@ def list_passes(no_plugins: bool, plugin_files: tuple[Path, ...]) -> None:
 @click.argument("model_b", metavar="B", type=click.Path(path_type=Path))
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz or folder of .npz.")
 @click.option("--dim", "dims", multiple=True, help="Symbolic dimension size, NAME=SIZE.")
-@click.option("--tolerance", type=click.Choice(["exact", "fusion", "fp16", "quantized"]),
+@click.option("--tolerance", type=click.Choice(TOLERANCE_CHOICES),
               default="fusion", show_default=True)
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--per-layer", is_flag=True,
+              help="SQNR of every intermediate value both models compute, worst first.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="With --per-layer: .npz or folder of .npz feeds to run.")
+@click.option("--samples", type=int, default=16, show_default=True,
+              help="With --per-layer: feeds used.")
+@click.option("--top", type=int, default=20, show_default=True,
+              help="With --per-layer: table rows shown.")
+@click.option("--json", "as_json", is_flag=True, help="With --per-layer: print JSON.")
 @common_options
 def compare(
     model_a: Path,
@@ -286,12 +298,24 @@ def compare(
     no_latency: bool,
     threads: int,
     seed: int,
+    per_layer: bool,
+    calib: Path | None,
+    samples: int,
+    top: int,
+    as_json: bool,
 ) -> None:
     """Compare two models: output agreement, size and latency side by side.
 
-    Exits with 5 when the outputs disagree beyond the tolerance.
+    With --per-layer --calib DATA: the SQNR of every intermediate value computed under
+    the same name in both models (which layer broke it?). Exits with 5 when the outputs
+    disagree beyond the tolerance.
     """
-    from graphopt.cli.compare_cmd import run_compare
+    from graphopt.cli.compare_cmd import run_compare, run_per_layer_compare
+
+    if per_layer:
+        run_per_layer_compare(model_a, model_b, calib=calib, samples=samples, top=top,
+                              as_json=as_json, threads=threads, console=_console())
+        return
 
     passed = run_compare(
         model_a,

@@ -13,11 +13,13 @@ GRAPHOPT_API_VERSION = 1
 
 def register(registry: PassRegistry) -> None:
     """Registers every built-in pass and named pipeline."""
-    from graphopt.passes import cleanup, fusion, quantize
+    from graphopt.passes import cleanup, fusion, pruning, quantize, weight_only
 
     cleanup.register(registry)
     fusion.register(registry)
     quantize.register(registry)
+    pruning.register(registry)
+    weight_only.register(registry)
     registry.register_pipeline(
         "default",
         "cleanup,fuse",

@@ -6,11 +6,21 @@
 * :mod:`~graphopt.quant.histogram`: the streaming histogram the observers share.
 * :mod:`~graphopt.quant.kl`, :mod:`~graphopt.quant.mse`: clip-range searches.
 * :mod:`~graphopt.quant.observers`: calibration observers and their registry.
+* :mod:`~graphopt.quant.groupwise`: per-group low-bit weight codes (:class:`GroupQuantized`),
+  round-to-nearest with MSE clipping, dense packing.
 """
 
 from __future__ import annotations
 
 from graphopt.quant.dtypes import QuantDType, quant_range
+from graphopt.quant.groupwise import (
+    GroupQuantized,
+    group_params,
+    pack_codes,
+    quantize_rtn,
+    quantize_with_params,
+    unpack_codes,
+)
 from graphopt.quant.histogram import Histogram, TailSummary
 from graphopt.quant.observers import (
     OBSERVERS,
@@ -64,6 +74,7 @@ __all__ = [
     "WEIGHT_U8_ASYM_PER_CHANNEL",
     "ZERO_RANGE_SCALE",
     "EntropyObserver",
+    "GroupQuantized",
     "Histogram",
     "HistogramObserver",
     "MSEObserver",
@@ -78,8 +89,13 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "fake_quantize",
+    "group_params",
     "make_observer",
+    "pack_codes",
     "quant_range",
     "quantize",
+    "quantize_rtn",
+    "quantize_with_params",
     "sqnr_db",
+    "unpack_codes",
 ]

@@ -50,13 +50,16 @@ def make_session(
         threads: ``intra_op_num_threads``; inter-op is 1 (sequential execution).
         optimize: False for ``ORT_DISABLE_ALL`` (verification), True for
             ``ORT_ENABLE_ALL`` (what users deploy; latency).
-        custom_op_libraries: Shared libraries with custom ops to register.
+        custom_op_libraries: Shared libraries with custom ops to register. The
+            runtime_ext library (:func:`graphopt.backends.ext.library_path`) is added
+            automatically when the model has nodes in its ``graphopt`` domain.
 
     Returns:
         The session, with spinning off for intra- and inter-op threads.
 
     Raises:
-        UsageError: The model or a custom-op library does not exist, or ``threads < 1``.
+        UsageError: The model or a custom-op library does not exist, ``threads < 1``, or
+            the model needs the runtime_ext library and it is not built.
         InvalidModelError: ONNX Runtime cannot load the model.
     """
     model_path = Path(path)
@@ -78,7 +81,11 @@ def make_session(
     options.log_severity_level = 4
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    for library in custom_op_libraries:
+    proto = _load_graph_only(model_path)
+    libraries = [str(library) for library in custom_op_libraries]
+    if proto is not None:
+        libraries.extend(lib for lib in _ext_libraries(proto, model_path) if lib not in libraries)
+    for library in libraries:
         if not Path(library).is_file():
             raise UsageError(f"{library}: custom-op library not found")
         try:
@@ -88,7 +95,7 @@ def make_session(
                 f"{library}: cannot register custom-op library: {_first_line(e)}"
             ) from None
     source: str | bytes = str(model_path)
-    renamed = _unique_node_names_copy(model_path)
+    renamed = _unique_node_names_copy(model_path, proto)
     if renamed is not None:
         source = renamed
     try:
@@ -103,18 +110,41 @@ def make_session(
     return session
 
 
-def _unique_node_names_copy(model_path: Path) -> bytes | None:
+def _load_graph_only(model_path: Path) -> onnx.ModelProto | None:
+    """The model proto without external data; None when over 2 GiB or not parseable."""
+    if model_path.stat().st_size > 2**31 - 1:
+        return None
+    try:
+        return onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable: let ONNX Runtime report it
+        return None
+
+
+def _ext_libraries(proto: onnx.ModelProto, model_path: Path) -> list[str]:
+    """The runtime_ext library when the model has ``graphopt``-domain nodes, else nothing.
+
+    Raises:
+        UsageError: The model needs the library and it is not built.
+    """
+    from graphopt.backends.ext import library_path, model_uses_ext
+
+    if not model_uses_ext(proto):
+        return []
+    try:
+        return [str(library_path())]
+    except UsageError as e:
+        raise UsageError(f"{model_path}: has graphopt-domain ops, {e}") from None
+
+
+def _unique_node_names_copy(model_path: Path, proto: onnx.ModelProto | None) -> bytes | None:
     """A serialized copy with unique node names when the model repeats names.
 
     ONNX Runtime refuses duplicate node names, which the ONNX standard allows; for
     verification only, a renamed in-memory copy runs instead (the file is untouched).
-    Models with external data are returned as None (ORT needs their folder).
+    Models with external data (or ``proto`` None) are returned as None (ORT needs their
+    folder).
     """
-    if model_path.stat().st_size > 2**31 - 1:
-        return None
-    try:
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not parseable: let ONNX Runtime report it
+    if proto is None:
         return None
     tensors = [*proto.graph.initializer]
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):

@@ -12,7 +12,9 @@ from graphopt.verify.compare import (
     EXACT,
     FP16,
     FUSION,
+    PRUNED,
     QUANTIZED,
+    WEIGHT_ONLY,
     Agreement,
     compare_output,
     compare_outputs,
@@ -30,7 +32,11 @@ def ref() -> np.ndarray:
 def test_presets_match_the_reliability_contract() -> None:
     assert (FUSION.rtol, FUSION.atol) == (1e-5, 1e-6)
     assert (FP16.rtol, FP16.atol, FP16.allow_new_nonfinite) == (1e-2, 1e-3, False)
-    assert QUANTIZED.min_sqnr_db == 30.0
+    assert QUANTIZED.min_sqnr_db == 12.0
+    assert WEIGHT_ONLY.min_sqnr_db == 3.0
+    assert PRUNED.min_sqnr_db == -float("inf") and not PRUNED.allow_new_nonfinite
+    assert tolerance_for(["quantized", "pruned", "weight-only"]) is PRUNED
+    assert tolerance_for(["quantized", "weight-only"]) is WEIGHT_ONLY
     assert EXACT.bit_exact and not FUSION.bit_exact
 
 
@@ -84,12 +90,12 @@ def test_quantized_uses_sqnr(ref: np.ndarray) -> None:
     noise = rng.standard_normal(ref.shape).astype(np.float32)
     scale = math.sqrt(float(np.sum(ref.astype(np.float64) ** 2)) / float(np.sum(noise**2.0)))
     at_40db = ref + noise * np.float32(scale * 10 ** (-40 / 20))
-    at_20db = ref + noise * np.float32(scale * 10 ** (-20 / 20))
+    at_8db = ref + noise * np.float32(scale * 10 ** (-8 / 20))
     good = compare_output("y", ref, at_40db, QUANTIZED)
     assert good.passed and good.sqnr_db == pytest.approx(40.0, abs=0.1)
     assert not compare_output("y", ref, at_40db, FUSION).passed
-    bad = compare_output("y", ref, at_20db, QUANTIZED)
-    assert not bad.passed and "SQNR 20.0 dB < 30 dB" in bad.reason
+    bad = compare_output("y", ref, at_8db, QUANTIZED)
+    assert not bad.passed and "SQNR 8.0 dB < 12 dB" in bad.reason
 
 
 def test_sqnr_definition_and_identity(ref: np.ndarray) -> None:

@@ -214,7 +214,7 @@ class InsertQDQPass(Pass[NoOptions]):
 
         # -- weights -----------------------------------------------------------------
         first_node = next(iter(graph), None)
-        weight_qparams: dict[int, QParams] = {}
+        unit_weight_qp: dict[int, QParams] = {}
         done: dict[tuple[int, Any], tuple[ir.Value, QParams]] = {}
         originals: list[ir.Value] = []
         for unit in plan.units:
@@ -228,7 +228,7 @@ class InsertQDQPass(Pass[NoOptions]):
                 assert array is not None
                 array = np.asarray(array, dtype=np.float32)
                 spec = w_edge.spec
-                qp = _weight_qparams(array, spec, w.name or "weight")
+                qp = weight_qparams(array, spec, w.name or "weight")
                 codes = quantize(array, qp, spec, spec.axis, value_name=w.name or "weight")
                 base = w.name or "weight"
                 q_init = initializer(f"{base}_quantized", codes)
@@ -257,7 +257,7 @@ class InsertQDQPass(Pass[NoOptions]):
                 counters.int_bytes += codes.nbytes
             out, qp = done[key]
             unit.node.replace_input_with(w_edge.index, out)
-            weight_qparams[id(unit.node)] = qp
+            unit_weight_qp[id(unit.node)] = qp
 
         # -- biases ------------------------------------------------------------------
         for unit in plan.units:
@@ -265,7 +265,7 @@ class InsertQDQPass(Pass[NoOptions]):
                 continue
             original = unit.bias.value
             skip = self._insert_bias(
-                unit, plan, weight_qparams, initializer, names, graph, first_node, created
+                unit, plan, unit_weight_qp, initializer, names, graph, first_node, created
             )
             if skip is not None:
                 plan.skipped.append(skip)
@@ -282,7 +282,7 @@ class InsertQDQPass(Pass[NoOptions]):
             key = (id(table), edge.spec)
             if key not in tables:
                 array = np.asarray(constant_array(table), dtype=np.float32)
-                qp = _weight_qparams(array, edge.spec, table.name or "table")
+                qp = weight_qparams(array, edge.spec, table.name or "table")
                 codes = quantize(array, qp, edge.spec, edge.spec.axis, value_name=table.name or "table")
                 base = table.name or "table"
                 tables[key] = (
@@ -327,7 +327,7 @@ class InsertQDQPass(Pass[NoOptions]):
                 dq_out.name = old_out.name
             counters.nodes += 2
 
-        removed = _remove_unused(graph, originals)
+        removed = remove_unused(graph, originals)
         stats: dict[str, Any] = {
             "activations_quantized": counters.activations,
             "weights_quantized": counters.weights,
@@ -346,7 +346,7 @@ class InsertQDQPass(Pass[NoOptions]):
         self,
         unit: QuantUnit,
         plan: QuantPlan,
-        weight_qparams: dict[int, QParams],
+        unit_weight_qp: dict[int, QParams],
         initializer: Any,
         names: _Names,
         graph: ir.Graph,
@@ -358,7 +358,7 @@ class InsertQDQPass(Pass[NoOptions]):
         gid = unit.activations[0].group
         x_group = plan.groups.get(gid) if gid is not None else None
         if unit.weight is not None:
-            w_qp = weight_qparams.get(id(unit.node))
+            w_qp = unit_weight_qp.get(id(unit.node))
         elif len(unit.activations) > 1:
             wid = unit.activations[1].group
             g = plan.groups.get(wid) if wid is not None else None
@@ -410,7 +410,7 @@ class InsertQDQPass(Pass[NoOptions]):
         return None
 
 
-def _weight_qparams(array: np.ndarray, spec: Any, name: str) -> QParams:
+def weight_qparams(array: np.ndarray, spec: Any, name: str) -> QParams:
     """Per-channel (along ``spec.axis``) or per-tensor min/max parameters of a weight."""
     if spec.per_channel:
         axis = spec.axis % array.ndim
@@ -421,7 +421,7 @@ def _weight_qparams(array: np.ndarray, spec: Any, name: str) -> QParams:
     return compute_qparams(float(array.min()), float(array.max()), spec, value_name=name)
 
 
-def _remove_unused(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
+def remove_unused(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
     """Removes float constants (initializers, Constant nodes) nothing reads any more."""
     removed = 0
     seen: set[int] = set()
@@ -442,4 +442,12 @@ def _remove_unused(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
     return removed
 
 
-__all__ = ["MIN_OPSET", "PLAN_META_KEY", "InsertQDQPass", "check_opset", "model_opset"]
+__all__ = [
+    "MIN_OPSET",
+    "PLAN_META_KEY",
+    "InsertQDQPass",
+    "check_opset",
+    "model_opset",
+    "remove_unused",
+    "weight_qparams",
+]

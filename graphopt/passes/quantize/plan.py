@@ -210,7 +210,7 @@ class QuantPlan:
     def drop_unit(self, unit: QuantUnit, reason: str, category: str) -> None:
         if unit.live:
             unit.live = False
-            self.skipped.append(Skip(unit.node.name or unit.node.op_type, reason, category))
+            self.skipped.append(Skip(node_label(unit.node), reason, category))
 
     def summary(self) -> dict[str, Any]:
         """Counts for pass statistics."""

@@ -1,4 +1,4 @@
-"""``ptq``: int8 post-training quantization (static, calibrated).
+"""``ptq``: int8 post-training quantization (static, calibrated; or dynamic).
 
 Matches: the compute nodes (Conv, Gemm, MatMul with a constant weight) the target's
 quantizer policy selects (:mod:`graphopt.backends.ort_quant`,
@@ -8,7 +8,10 @@ input range is unusable (attention-mask fills).
 Changes: annotate -> calibrate (:class:`~graphopt.analysis.ActivationStatsAnalysis` over
 ``--calib``) -> insert Q/DQ (:class:`~graphopt.passes.quantize.insert.InsertQDQPass`).
 With ``max_loss`` the most sensitive nodes are returned to float until the outputs on
-the calibration feeds are within the bound.
+the calibration feeds are within the bound. ``mode=dynamic`` needs no calibration: the
+MatMul/Gemm weights are stored as int8 per output channel and the activations are
+quantized at run time (:mod:`graphopt.passes.quantize.dynamic`); ``--calib``, when given,
+is used for the per-layer SQNR and ``max_loss``.
 
 Preserves: graph inputs/outputs; numerics within the ``quantized`` tolerance (SQNR >= 30
 dB per output on realistic data).
@@ -21,6 +24,9 @@ Example (``graphopt optimize m.onnx -o q.onnx --passes ptq --calib feeds/``)::
 Statistics: nodes quantized (by op), values left in float with the reason (``mask path:
 'val_105' range [-3.4e+38, 0]``), the observer and calibration samples, per-node output
 SQNR on the first calibration feeds, and the output loss when ``max_loss`` is set.
+``layers`` lists every candidate node with its decision (``quantized``, ``float`` with
+the reason, ``float (max_loss)``) and its output SQNR in dB (the SQNR it had quantized,
+for nodes returned to float).
 """
 
 from __future__ import annotations
@@ -44,13 +50,23 @@ from graphopt.infra.analysis import AnalysisManager, PreservedAnalyses
 from graphopt.infra.context import PassContext
 from graphopt.infra.options import Options
 from graphopt.infra.pass_base import Pass, PassInfo, PassResult
+from graphopt.passes.quantize.dynamic import (
+    DYNAMIC_MIN_OPSET,
+    DynamicPlan,
+    InsertDynamicQuantPass,
+    check_dynamic_opset,
+    layer_rows,
+    plan_dynamic,
+)
 from graphopt.passes.quantize.insert import MIN_OPSET, InsertQDQPass, check_opset, model_opset
 from graphopt.passes.quantize.plan import (
     QuantConfig,
     QuantPlan,
+    Skip,
     build_groups,
     compute_group_qparams,
     finalize_plan,
+    node_label,
 )
 from graphopt.passes.quantize.quantizer import Quantizer
 
@@ -88,7 +104,8 @@ class PtqOptions(Options):
 
     Attributes:
         mode: ``static`` (calibrated activation ranges; needs ``--calib``) or ``dynamic``
-            (not implemented yet).
+            (int8 weights, activations quantized at run time; MatMul/Gemm only; no
+            calibration needed).
         calib: Observer choosing activation ranges: ``minmax``, ``percentile``, ``entropy``
             or ``mse``.
         percentile: For ``calib=percentile``.
@@ -127,7 +144,7 @@ class PtqOptions(Options):
 
 
 class PtqPass(Pass[PtqOptions]):
-    """Static int8 post-training quantization with the target's quantizer policy."""
+    """int8 post-training quantization (static or dynamic) with the target's policy."""
 
     info = PassInfo(
         name="ptq",
@@ -139,9 +156,19 @@ class PtqPass(Pass[PtqOptions]):
     # ------------------------------------------------------------------ checks
     def check_requires(self, model: ir.Model, ctx: PassContext) -> None:
         if self.options.mode == "dynamic":
-            raise UsageError(
-                "ptq: mode=dynamic is not implemented yet; use mode=static with --calib PATH"
-            )
+            if not get_quantizer(ctx.target).supports_dynamic:
+                raise UsageError(
+                    f"ptq(mode=dynamic): target {ctx.target!r} has no dynamic int8 kernels; "
+                    "use mode=static with --calib PATH"
+                )
+            if self.options.max_loss is not None and ctx.calibration is None:
+                raise UsageError(
+                    "ptq(mode=dynamic,max_loss=...) measures the loss on calibration data: "
+                    "pass --calib PATH or drop max_loss"
+                )
+            if not self.options.upgrade_opset:
+                check_dynamic_opset(model, self.info.name)
+            return
         if ctx.calibration is None:
             raise UsageError(
                 "ptq(mode=static) needs calibration data: pass --calib PATH (an .npz file or "
@@ -173,16 +200,19 @@ class PtqPass(Pass[PtqOptions]):
 
     def run(self, model: ir.Model, ctx: PassContext, am: AnalysisManager) -> PassResult:
         o = self.options
-        stats: dict[str, Any] = {}
+        stats: dict[str, Any] = {"mode": o.mode}
         upgraded = False
         opset = model_opset(model)
-        if opset is None or opset < MIN_OPSET:
-            _upgrade_opset(model, MIN_OPSET)
-            stats["opset_upgraded"] = f"{opset} -> {MIN_OPSET}"
+        needed = DYNAMIC_MIN_OPSET if o.mode == "dynamic" else MIN_OPSET
+        if opset is None or opset < needed:
+            _upgrade_opset(model, needed)
+            stats["opset_upgraded"] = f"{opset} -> {needed}"
             upgraded = True
-        if o.samples is not None:
+        if o.samples is not None and ctx.calibration is not None:
             ctx = dataclasses.replace(ctx, calibration=_limited(ctx, o.samples))
             am = AnalysisManager(ctx)
+        if o.mode == "dynamic":
+            return self._run_dynamic(model, ctx, am, stats, upgraded)
         quantizer = get_quantizer(ctx.target)
         config = self.config()
         plan = quantizer.annotate(model, config)
@@ -199,6 +229,9 @@ class PtqPass(Pass[PtqOptions]):
         plan.calibration = analysis
         finalize_plan(plan, calib, config)
 
+        restored_sqnr: dict[str, float] = {}
+        candidates = [(node_label(u.node), u.node.op_type) for u in plan.units]
+        op_of = _op_types(model)
         with contextlib.ExitStack() as stack:
             evaluator: _Evaluator | None = None
             if o.layer_sqnr or o.max_loss is not None:
@@ -207,7 +240,7 @@ class PtqPass(Pass[PtqOptions]):
                 probes = [v for _, x, y in _unit_values(plan) for v in (x, y)]
                 evaluator = _Evaluator(reference, _eval_feeds(ctx), probes, scratch)
                 if o.max_loss is not None:
-                    loss, restored = _fit_max_loss(
+                    loss, restored, restored_sqnr = _fit_max_loss(
                         model, plan, ctx, evaluator, reference, o.max_loss, config, calib
                     )
                     stats["output_loss"] = loss
@@ -229,7 +262,72 @@ class PtqPass(Pass[PtqOptions]):
             stats["skip_reasons"] = reasons[:50] + more
             if evaluator is not None and o.layer_sqnr and plan.live_units():
                 stats["layer_sqnr_db"] = _layer_sqnr(evaluator, model, _unit_values(plan))
+        live = {node_label(u.node) for u in plan.live_units()}
+        stats["layers"] = layer_records(
+            candidates, live, plan.skipped, stats.get("layer_sqnr_db", {}), restored_sqnr, op_of
+        )
         modified = bool(result.modified or upgraded)
+        return PassResult(model, modified, preserved=PreservedAnalyses.none(), stats=stats)
+
+    # ------------------------------------------------------------------ dynamic
+    def _run_dynamic(
+        self, model: ir.Model, ctx: PassContext, am: AnalysisManager, stats: dict[str, Any],
+        upgraded: bool,
+    ) -> PassResult:
+        o = self.options
+        quantizer = get_quantizer(ctx.target)
+        config = self.config()
+        plan = plan_dynamic(model, quantizer, config)
+        candidates = [(layer.label, layer.node.op_type) for layer in plan.layers]
+        op_of = _op_types(model)
+        restored_sqnr: dict[str, float] = {}
+        measure = ctx.calibration is not None and (o.layer_sqnr or o.max_loss is not None)
+        with contextlib.ExitStack() as stack:
+            evaluator: _Evaluator | None = None
+            rows = layer_rows(plan)
+            if measure and plan.layers:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-ptq-")))
+                reference = ir.serde.serialize_model(model).SerializeToString()
+                probes = [v for _, x, y in rows for v in (x, y)]
+                evaluator = _Evaluator(reference, _eval_feeds(ctx), probes, scratch)
+                if o.max_loss is not None:
+                    loss, restored, restored_sqnr = _fit_max_loss_dynamic(
+                        model, plan, ctx, evaluator, reference, o.max_loss, rows
+                    )
+                    stats["output_loss"] = loss
+                    stats["kept_float_for_max_loss"] = restored
+                del reference
+            modified = upgraded
+            if plan.live_layers():
+                result = InsertDynamicQuantPass(plan, ctx).run(model, ctx, am)
+                stats.update(result.stats)
+                modified = modified or result.modified
+            if plan.gathers:
+                tables = QuantPlan(target=plan.target, gathers=list(plan.gathers))
+                gathered = InsertQDQPass(tables, ctx).run(model, ctx, am)
+                stats["embedding_tables_quantized"] = gathered.stats.get("embedding_tables_quantized", 0)
+                wb = stats.setdefault("weight_bytes", {"float": 0, "int8": 0})
+                for k in ("float", "int8"):
+                    wb[k] = wb.get(k, 0) + gathered.stats["weight_bytes"][k]
+                modified = modified or gathered.modified
+            stats.update(plan.summary())
+            stats["target"] = quantizer.name
+            stats["activation_spec"] = "u8:asym:tensor:dynamic"
+            weights = [layer.weight.spec.to_text() for layer in plan.live_layers()]
+            if weights:
+                stats["weight_spec"] = sorted(set(weights))
+            reasons = [s.reason for s in plan.skipped]
+            more = [f"... {len(reasons) - 50} more"] if len(reasons) > 50 else []
+            stats["skip_reasons"] = reasons[:50] + more
+            live_labels = {layer.label for layer in plan.live_layers()}
+            if evaluator is not None and o.layer_sqnr and live_labels:
+                stats["layer_sqnr_db"] = _layer_sqnr(
+                    evaluator, model, [r for r in rows if r[0] in live_labels]
+                )
+        stats["layers"] = layer_records(
+            candidates, live_labels, plan.skipped, stats.get("layer_sqnr_db", {}), restored_sqnr,
+            op_of,
+        )
         return PassResult(model, modified, preserved=PreservedAnalyses.none(), stats=stats)
 
 
@@ -384,7 +482,7 @@ def _unit_values(plan: QuantPlan) -> list[tuple[str, str, str]]:
         x = u.activations[0].value
         y = u.node.outputs[0]
         if x.name and y.name and y.dtype == ir.DataType.FLOAT:
-            rows.append((u.node.name or y.name, x.name, y.name))
+            rows.append((node_label(u.node), x.name, y.name))
     return rows
 
 
@@ -433,19 +531,18 @@ def _fit_max_loss(
     max_loss: float,
     config: QuantConfig,
     calib: ActivationStats,
-) -> tuple[float, list[str]]:
-    """Returns the most harmful nodes to float until the output loss is within bound.
+) -> tuple[float, list[str], dict[str, float]]:
+    """Returns the most harmful nodes to float until the output loss is within bound
+    (static plan; see :func:`_search_float_set`).
 
-    Harm of a node: the output loss with that node alone quantized (up to
-    :data:`ISOLATED_SENSITIVITY_MAX` nodes), else the relative noise it adds (``noise /
-    signal`` of its output minus that of its input) with every node quantized. The
-    smallest prefix of that order whose return to float meets the bound is found by
-    doubling then bisection, each step measured on a fresh quantized copy.
+    Returns:
+        The output loss reached, the labels of the nodes returned to float, and their
+        output SQNR (dB) with every node quantized.
     """
     live = [i for i, u in enumerate(plan.units) if u.live]
     labels = {r[0]: r for r in _unit_values(plan)}
     rows = {
-        i: labels.get(plan.units[i].node.name or plan.units[i].node.outputs[0].name or "")
+        i: labels.get(node_label(plan.units[i].node))
         for i in live
     }
 
@@ -456,6 +553,85 @@ def _fit_max_loss(
             InsertQDQPass(trial_plan, ctx).run(copy, ctx, AnalysisManager(ctx))
         return evaluator.evaluate(copy)
 
+    loss, dropped, first = _search_float_set(live, rows, trial, max_loss)
+    restored: list[str] = []
+    restored_sqnr: dict[str, float] = {}
+    for i in dropped:
+        unit = plan.units[i]
+        label = node_label(unit.node)
+        plan.drop_unit(unit, f"{label}: kept in float for max_loss={max_loss:g}", "max-loss")
+        restored.append(label)
+        row = rows.get(i)
+        if row is not None:
+            restored_sqnr[label] = round(first.sqnr_db(row[2]), 2)
+    if dropped:
+        build_groups(plan, config)
+        compute_group_qparams(plan, calib)
+    return loss, restored, restored_sqnr
+
+
+def _fit_max_loss_dynamic(
+    model: ir.Model,
+    plan: DynamicPlan,
+    ctx: PassContext,
+    evaluator: _Evaluator,
+    reference: bytes,
+    max_loss: float,
+    rows: Sequence[tuple[str, str, str]],
+) -> tuple[float, list[str], dict[str, float]]:
+    """:func:`_fit_max_loss` for a dynamic plan."""
+    live = [i for i, layer in enumerate(plan.layers) if layer.live]
+    by_label = {r[0]: r for r in rows}
+    row_of = {i: by_label.get(plan.layers[i].label) for i in live}
+    position = {id(n): k for k, n in enumerate(model.graph)}
+
+    def trial(dropped: set[int]) -> _Evaluation:
+        copy = ir.serde.deserialize_model(_parse(reference))
+        nodes = list(copy.graph)
+        trial_plan = DynamicPlan(target=plan.target, share_inputs=plan.share_inputs)
+        for i in live:
+            if i in dropped:
+                continue
+            layer = plan.layers[i]
+            node = nodes[position[id(layer.node)]]
+            weight = dataclasses.replace(layer.weight, node=node)
+            trial_plan.layers.append(dataclasses.replace(layer, node=node, weight=weight))
+        if trial_plan.layers:
+            InsertDynamicQuantPass(trial_plan, ctx).run(copy, ctx, AnalysisManager(ctx))
+        return evaluator.evaluate(copy)
+
+    loss, dropped, first = _search_float_set(live, row_of, trial, max_loss)
+    restored: list[str] = []
+    restored_sqnr: dict[str, float] = {}
+    for i in dropped:
+        layer = plan.layers[i]
+        plan.drop(layer, f"{layer.label}: kept in float for max_loss={max_loss:g}", "max-loss")
+        restored.append(layer.label)
+        row = row_of.get(i)
+        if row is not None:
+            restored_sqnr[layer.label] = round(first.sqnr_db(row[2]), 2)
+    return loss, restored, restored_sqnr
+
+
+def _search_float_set(
+    live: Sequence[int],
+    rows: Mapping[int, tuple[str, str, str] | None],
+    trial: Any,
+    max_loss: float,
+) -> tuple[float, list[int], _Evaluation]:
+    """The smallest set of the most harmful nodes whose return to float meets the bound.
+
+    Harm of a node: the output loss with that node alone quantized (up to
+    :data:`ISOLATED_SENSITIVITY_MAX` nodes), else the relative noise it adds (``noise /
+    signal`` of its output minus that of its input) with every node quantized. The
+    smallest prefix of that order whose return to float meets the bound is found by
+    doubling then bisection, each step measured on a fresh quantized copy (``trial``:
+    indices kept in float -> evaluation).
+
+    Returns:
+        The loss reached, the indices returned to float (most harmful first) and the
+        evaluation with every node quantized.
+    """
     first = trial(set())
     loss = first.loss
     logger.info("ptq: output loss with every node quantized: %.3g (max_loss %g)", loss, max_loss)
@@ -468,7 +644,7 @@ def _fit_max_loss(
         return first.relative_noise(y) - first.relative_noise(x)
 
     if loss <= max_loss:
-        return loss, []
+        return loss, [], first
     if len(live) <= ISOLATED_SENSITIVITY_MAX:
         # Exact: the output loss with only that node quantized (one trial per node).
         isolated = {i: trial(set(live) - {i}).loss for i in live}
@@ -486,26 +662,73 @@ def _fit_max_loss(
 
     # Doubling to bracket the smallest prefix that meets the bound, then bisection.
     lo, hi = 0, 1
-    while loss > max_loss and hi < len(order) and loss_with(hi) > max_loss:
+    while hi < len(order) and loss_with(hi) > max_loss:
         lo, hi = hi, min(2 * hi, len(order))
-    if loss <= max_loss:
-        hi = 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if loss_with(mid) <= max_loss:
             hi = mid
         else:
             lo = mid
-    loss = loss_with(hi)
-    dropped = set(order[:hi])
-    restored = []
-    for i in order:
-        if i in dropped:
-            unit = plan.units[i]
-            label = unit.node.name or unit.node.op_type
-            plan.drop_unit(unit, f"{label}: kept in float for max_loss={max_loss:g}", "max-loss")
-            restored.append(label)
-    if dropped:
-        build_groups(plan, config)
-        compute_group_qparams(plan, calib)
-    return loss, restored
+    return loss_with(hi), list(order[:hi]), first
+
+
+def _op_types(model: ir.Model) -> dict[str, str]:
+    """Op type by node label (name, else ``<op>``), as skips name nodes."""
+    return {node_label(n): n.op_type for n in model.graph}
+
+
+#: Skip categories that name a value rather than a node (their node gets its own skip).
+_VALUE_CATEGORIES = frozenset({"mask-path", "huge-range", "float-bias"})
+
+
+def layer_records(
+    candidates: Sequence[tuple[str, str]],
+    live: set[str],
+    skipped: Sequence[Skip],
+    sqnr: Mapping[str, float],
+    restored_sqnr: Mapping[str, float],
+    ops: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per candidate node: its decision, the reason and its SQNR.
+
+    Args:
+        candidates: ``(label, op type)`` of every node the policy considered (in graph
+            order); node-level skips not among them are appended.
+        live: Labels of the nodes quantized.
+        skipped: The plan's skips (reasons).
+        sqnr: Output SQNR (dB) of quantized nodes.
+        restored_sqnr: Output SQNR (dB) nodes returned to float by max_loss had quantized.
+        ops: Op type by node label, for skipped nodes that are not candidates.
+
+    Returns:
+        ``{"node", "op", "decision", "reason", "sqnr_db"}`` dicts; decision is
+        ``quantized``, ``float`` or ``float (max_loss)``; sqnr_db is None when unmeasured.
+    """
+    reasons: dict[str, Skip] = {}
+    for s in skipped:
+        if s.category not in _VALUE_CATEGORIES:
+            reasons.setdefault(s.what, s)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for label, op in candidates:
+        if label in seen:
+            continue
+        seen.add(label)
+        skip = reasons.get(label)
+        if label in live:
+            decision, reason, db = "quantized", "", sqnr.get(label)
+        elif skip is not None and skip.category == "max-loss":
+            decision, reason, db = "float (max_loss)", skip.reason, restored_sqnr.get(label)
+        else:
+            decision = "float"
+            reason = skip.reason if skip is not None else "not quantized"
+            db = None
+        records.append({"node": label, "op": op, "decision": decision, "reason": reason,
+                        "sqnr_db": db})
+    for what, skip in reasons.items():
+        if what not in seen:
+            seen.add(what)
+            records.append({"node": what, "op": (ops or {}).get(what, ""), "decision": "float",
+                            "reason": skip.reason, "sqnr_db": None})
+    return records

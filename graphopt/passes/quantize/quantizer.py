@@ -75,6 +75,11 @@ class Quantizer:
     residual_producers: ClassVar[frozenset[str]] = frozenset({"Conv", "BatchNormalization"})
     #: Smallest table (elements) worth storing as int8.
     min_embedding_size: ClassVar[int] = 16384
+    #: Dynamic mode: quantize an activation read by several MatMuls once (True) or once
+    #: per MatMul (False, which lets a runtime fuse each into one kernel).
+    dynamic_share_inputs: ClassVar[bool] = True
+    #: Whether the target runs dynamically quantized MatMuls (DynamicQuantizeLinear).
+    supports_dynamic: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ specs
     def weight_spec(self, axis: int | None, config: QuantConfig) -> QuantSpec:

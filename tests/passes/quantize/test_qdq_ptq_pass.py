@@ -58,15 +58,23 @@ def test_without_calib_exits_2_naming_the_flag(
     assert not out.exists()
 
 
-def test_dynamic_mode_is_a_usage_error(
-    capfd: pytest.CaptureFixture[str], model_path: Path, calib_dir: Path, tmp_path: Path
+def test_dynamic_mode_needs_no_calib_but_a_dynamic_target(
+    capfd: pytest.CaptureFixture[str], model_path: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "q.onnx"
     code, err = _cli(
         capfd, "optimize", model_path, "-o", out, "--passes", "ptq(mode=dynamic)",
-        "--calib", calib_dir, "--no-latency",
+        "--no-latency",
     )
-    assert code == 2 and "dynamic" in err
+    assert code == 0, err
+    assert "MatMulInteger" in ops(ir.load(out))
+    trt = tmp_path / "trt.onnx"
+    code, err = _cli(
+        capfd, "optimize", model_path, "-o", trt, "--passes", "ptq(mode=dynamic)",
+        "--target", "tensorrt", "--no-latency",
+    )
+    assert code == 2 and "dynamic" in err and len(err.strip().splitlines()) == 1
+    assert not trt.exists()
 
 
 def test_cli_quantizes_verifies_and_reports(
