@@ -49,16 +49,7 @@ struct Int8Row {
 };
 Int8Row int8_row(const LowBitProblem& p, std::size_t m);
 std::size_t int8_workspace_bytes(const LowBitProblem& p);
-// Quantizes one group of count activations as above: q[0, count), its scale and sum(q).
-using Int8GroupQuantizer = void (*)(const float* a, std::size_t count, std::int8_t* q, float* scale,
-                                    std::int32_t* sum);
-void int8_quantize_group(const float* a, std::size_t count, std::int8_t* q, float* scale, std::int32_t* sum);
-// AVX2 version (kernels_avx2_int8.cc), bit-identical results; only after cpu_has_avx2_fma().
-void int8_quantize_group_avx2(const float* a, std::size_t count, std::int8_t* q, float* scale,
-                              std::int32_t* sum);
-// Fills the workspace (once per call, before any rows() task): quantize is called per
-// group and row of A.
-void int8_prepare(LowBitProblem& p, std::uint8_t* workspace, Int8GroupQuantizer quantize = &int8_quantize_group);
+void int8_prepare(LowBitProblem& p, std::uint8_t* workspace);
 // AVX2 accuracy_level-4 rows (kernels_avx2_int8.cc): bits 4 with group_size % 64 == 0 or
 // == 32; int8_rows_generic() otherwise.
 void int8_rows_avx2(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end);

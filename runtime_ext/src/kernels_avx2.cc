@@ -276,7 +276,7 @@ std::size_t workspace_bytes(const LowBitProblem& p) {
 
 void prepare(LowBitProblem& p, std::uint8_t* workspace) {
   if (p.accuracy_level == 4) {
-    int8_prepare(p, workspace, &int8_quantize_group_avx2);
+    int8_prepare(p, workspace);
     return;
   }
   if (!use_gemv(p)) return;

@@ -125,60 +125,6 @@ void int8_tile32(const LowBitProblem& p, std::size_t n0, std::size_t m) {
 
 }  // namespace
 
-// int8_quantize_group() eight activations at a time, bit for bit: |a| by clearing the sign,
-// finiteness by |a| <= FLT_MAX (false for NaN and Inf), the same round-to-even by adding and
-// removing 1.5 * 2^23, the same clamp; int32 -> int8 by two saturating packs (values are
-// already in [-127, 127]). A short tail is zero-padded, which changes neither amax nor
-// sum(q) (q of 0 is 0), and only its count bytes are stored.
-void int8_quantize_group_avx2(const float* a, std::size_t count, std::int8_t* q, float* scale,
-                              std::int32_t* sum) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 max_finite = _mm256_set1_ps(3.40282347e+38f);
-  const std::size_t full = count / kLanes * kLanes;
-  float tail[kLanes] = {};
-  for (std::size_t k = full; k < count; ++k) tail[k - full] = a[k];
-  auto chunk = [&](std::size_t k) { return k < full ? _mm256_loadu_ps(a + k) : _mm256_loadu_ps(tail); };
-
-  __m256 amax = _mm256_setzero_ps();
-  __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-  for (std::size_t k = 0; k < count; k += kLanes) {
-    const __m256 magnitude = _mm256_and_ps(chunk(k), abs_mask);
-    finite = _mm256_and_ps(finite, _mm256_cmp_ps(magnitude, max_finite, _CMP_LE_OQ));
-    amax = _mm256_max_ps(amax, magnitude);
-  }
-  if (_mm256_movemask_ps(finite) != 0xFF) {  // a NaN or Inf: Y is NaN as in fp32
-    for (std::size_t k = 0; k < count; ++k) q[k] = 0;
-    *scale = _mm_cvtss_f32(_mm_castsi128_ps(_mm_set1_epi32(0x7FC00000)));  // quiet NaN
-    *sum = 0;
-    return;
-  }
-  __m128 half = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-  half = _mm_max_ss(half, _mm_shuffle_ps(half, half, 0x55));
-  const float group_max = _mm_cvtss_f32(half);
-  const __m256 inverse = _mm256_set1_ps(group_max > 0.0f ? 127.0f / group_max : 0.0f);
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 upper = _mm256_set1_ps(127.0f);
-  const __m256 lower = _mm256_set1_ps(-127.0f);
-  __m256i total = _mm256_setzero_si256();
-  for (std::size_t k = 0; k < count; k += kLanes) {
-    const __m256 rounded = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(chunk(k), inverse), magic), magic);
-    const __m256i value = _mm256_cvttps_epi32(_mm256_max_ps(_mm256_min_ps(rounded, upper), lower));
-    total = _mm256_add_epi32(total, value);
-    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
-    const __m128i bytes = _mm_packs_epi16(words, words);
-    if (k < full) {
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), bytes);
-    } else {
-      alignas(16) std::int8_t last[16];
-      _mm_store_si128(reinterpret_cast<__m128i*>(last), bytes);
-      for (std::size_t i = 0; k + i < count; ++i) q[k + i] = last[i];
-    }
-  }
-  *scale = group_max / 127.0f;
-  *sum = hsum_i32(total);
-}
-
 void int8_rows_avx2(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end) {
   if (p.bits == 4 && p.group_size == 32) {
     std::size_t n = n_begin;

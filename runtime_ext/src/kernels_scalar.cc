@@ -87,27 +87,7 @@ Int8Row int8_row(const LowBitProblem& p, std::size_t m) {
           scales, reinterpret_cast<const std::int32_t*>(scales + p.groups)};
 }
 
-void int8_quantize_group(const float* a, std::size_t count, std::int8_t* q, float* scale, std::int32_t* sum) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (std::size_t k = 0; k < count; ++k) {
-    const float magnitude = a[k] < 0.0f ? -a[k] : a[k];
-    finite = finite && std::isfinite(a[k]);
-    amax = magnitude > amax ? magnitude : amax;
-  }
-  // A non-finite activation makes the group's scale NaN, so Y is NaN as in fp32.
-  const float inverse = (finite && amax > 0.0f) ? 127.0f / amax : 0.0f;
-  std::int32_t total = 0;
-  for (std::size_t k = 0; k < count; ++k) {
-    const float value = finite ? round_to_even(a[k] * inverse) : 0.0f;
-    q[k] = static_cast<std::int8_t>(value > 127.0f ? 127.0f : (value < -127.0f ? -127.0f : value));
-    total += q[k];
-  }
-  *scale = finite ? amax / 127.0f : std::nanf("");
-  *sum = total;
-}
-
-void int8_prepare(LowBitProblem& p, std::uint8_t* workspace, Int8GroupQuantizer quantize) {
+void int8_prepare(LowBitProblem& p, std::uint8_t* workspace) {
   p.int8_stride = round_up(2 * p.padded_k + p.groups * (sizeof(float) + sizeof(std::int32_t)), 64);
   p.int8_prepared = workspace;
   for (std::size_t m = 0; m < p.m; ++m) {
@@ -121,7 +101,24 @@ void int8_prepare(LowBitProblem& p, std::uint8_t* workspace, Int8GroupQuantizer 
     for (std::size_t g = 0; g < p.groups; ++g) {
       const std::size_t k0 = g * p.group_size;
       const std::size_t k1 = (k0 + p.group_size < p.k) ? k0 + p.group_size : p.k;
-      quantize(a + k0, k1 - k0, natural + k0, &scales[g], &sums[g]);
+      float amax = 0.0f;
+      bool finite = true;
+      for (std::size_t k = k0; k < k1; ++k) {
+        const float magnitude = a[k] < 0.0f ? -a[k] : a[k];
+        finite = finite && std::isfinite(a[k]);
+        amax = magnitude > amax ? magnitude : amax;
+      }
+      // A non-finite activation makes the group's scale NaN, so Y is NaN as in fp32.
+      const float inverse = (finite && amax > 0.0f) ? 127.0f / amax : 0.0f;
+      std::int32_t sum = 0;
+      for (std::size_t k = k0; k < k1; ++k) {
+        const float value = finite ? round_to_even(a[k] * inverse) : 0.0f;
+        const auto q = static_cast<std::int8_t>(value > 127.0f ? 127.0f : (value < -127.0f ? -127.0f : value));
+        natural[k] = q;
+        sum += q;
+      }
+      scales[g] = finite ? amax / 127.0f : std::nanf("");
+      sums[g] = sum;
     }
     if (p.bits == 4) {
       for (std::size_t block = 0; block < p.padded_k / 64; ++block) {
