@@ -254,11 +254,11 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
         feeds = ctx.calibration_feeds()  # fails before any session is built without data
         with tempfile.TemporaryDirectory(prefix="graphopt-calib-") as scratch:
             session = (
-                _session_with_outputs(model, computed, Path(scratch), self.threads)
+                session_with_outputs(model, computed, Path(scratch), self.threads)
                 if computed
                 else None
             )
-            progress = _LazyProgress(self.progress_after_s, _total_feeds(ctx), self.name)
+            progress = LazyProgress(self.progress_after_s, total_feeds(ctx), self.name)
             try:
                 for index, feed in enumerate(feeds):
                     arrays: dict[str, np.ndarray] = {}
@@ -269,7 +269,7 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
                             )
                         arrays[v] = np.asarray(feed[v])
                     if session is not None:
-                        arrays.update(_run(session, computed, feed, index))
+                        arrays.update(run_feed(session, computed, feed, index))
                     for v, arr in arrays.items():
                         observers[v].update(arr, sample=index)
                         octaves[v].update(arr)
@@ -297,7 +297,7 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _total_feeds(ctx: PassContext) -> int | None:
+def total_feeds(ctx: PassContext) -> int | None:
     """How many feeds the source will yield, when it can say so cheaply."""
     source = ctx.calibration
     if source is None:
@@ -320,7 +320,7 @@ def _value_info(value: ir.Value) -> onnx.ValueInfoProto | None:
     return onnx.helper.make_tensor_value_info(value.name, int(value.dtype), None)
 
 
-def _session_with_outputs(
+def session_with_outputs(
     model: ir.Model, names: Sequence[str], scratch: Path, threads: int
 ) -> Any:
     """An ORT session (optimizations off) on a copy of ``model`` that also outputs ``names``."""
@@ -360,9 +360,15 @@ def _session_with_outputs(
     return make_session(path, threads=threads, optimize=False)
 
 
-def _run(
+def run_feed(
     session: Any, names: Sequence[str], feed: Mapping[str, np.ndarray], index: int
 ) -> dict[str, np.ndarray]:
+    """Runs one calibration feed (``index`` for messages) and returns ``names``' arrays.
+
+    :func:`session_with_outputs`, :func:`run_feed`, :func:`total_feeds` and
+    :class:`LazyProgress` are the streaming machinery the other calibration-driven
+    analyses (input Hessians, ``compare --per-layer``, pruning reconstruction) share.
+    """
     wanted = {i.name for i in session.get_inputs()}
     selected = {k: np.asarray(v) for k, v in feed.items() if k in wanted}
     missing = wanted - set(selected)
@@ -380,7 +386,7 @@ def _run(
     return dict(zip(names, results, strict=True))
 
 
-class _LazyProgress:
+class LazyProgress:
     """A rich progress bar on stderr that appears only once ``after_s`` have passed."""
 
     def __init__(self, after_s: float, total: int | None, label: str) -> None:

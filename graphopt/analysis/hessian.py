@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.analysis.calibration import _LazyProgress, _run, _session_with_outputs, _total_feeds
+from graphopt.analysis.calibration import LazyProgress, run_feed, session_with_outputs, total_feeds
 from graphopt.errors import CalibrationError, UsageError
 from graphopt.infra.analysis import Analysis, AnalysisManager, Aspect
 from graphopt.infra.context import PassContext
@@ -184,16 +184,16 @@ class InputHessianAnalysis(Analysis[InputHessians]):
             const = by_name[v].const_value
             assert const is not None
             self._accumulate(acc, v, np.asarray(const.numpy()), 0)
-        total = _total_feeds(ctx)
+        total = total_feeds(ctx)
         if total is not None and self.max_samples is not None:
             total = min(total, self.max_samples)
         with tempfile.TemporaryDirectory(prefix="graphopt-hessian-") as scratch:
             session = (
-                _session_with_outputs(model, computed, Path(scratch), self.threads)
+                session_with_outputs(model, computed, Path(scratch), self.threads)
                 if computed
                 else None
             )
-            progress = _LazyProgress(self.progress_after_s, total, self.name)
+            progress = LazyProgress(self.progress_after_s, total, self.name)
             try:
                 for index, feed in enumerate(feeds):
                     if self.max_samples is not None and index >= self.max_samples:
@@ -205,7 +205,7 @@ class InputHessianAnalysis(Analysis[InputHessians]):
                             )
                         self._accumulate(acc, v, np.asarray(feed[v]), index)
                     if session is not None:
-                        results = _run(session, computed, feed, index)
+                        results = run_feed(session, computed, feed, index)
                         for v in computed:
                             self._accumulate(acc, v, results.pop(v), index)
                         del results

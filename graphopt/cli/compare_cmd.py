@@ -238,7 +238,7 @@ def per_layer_sqnr(
         UsageError: No float value is computed under the same name in both models.
         CalibrationError: The data is unusable (from the dataset or a failed run).
     """
-    from graphopt.analysis.calibration import _run, _session_with_outputs
+    from graphopt.analysis.calibration import run_feed, session_with_outputs
     from graphopt.calibration_data import CalibrationDataset
 
     loaded_a, loaded_b = io.load(model_a), io.load(model_b)
@@ -266,11 +266,11 @@ def per_layer_sqnr(
         dir_a, dir_b = Path(scratch) / "a", Path(scratch) / "b"
         dir_a.mkdir()
         dir_b.mkdir()
-        session_a = _session_with_outputs(loaded_a.model, common, dir_a, threads)
-        session_b = _session_with_outputs(loaded_b.model, common, dir_b, threads)
+        session_a = session_with_outputs(loaded_a.model, common, dir_a, threads)
+        session_b = session_with_outputs(loaded_b.model, common, dir_b, threads)
         for index, feed in enumerate(dataset):
-            got_a = _run(session_a, common, feed, index)
-            got_b = _run(session_b, common, feed, index)
+            got_a = run_feed(session_a, common, feed, index)
+            got_b = run_feed(session_b, common, feed, index)
             for name in common:
                 a, b = got_a[name], got_b[name]
                 if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":

@@ -111,7 +111,7 @@ def paired_grams(
 ) -> dict[str, PairedGram]:
     """Runs both models on the calibration feeds and accumulates :class:`PairedGram` per
     value name (the input of each refit projection, named alike in both models)."""
-    from graphopt.analysis.calibration import _run, _session_with_outputs
+    from graphopt.analysis.calibration import run_feed, session_with_outputs
 
     names = list(keeps)
     acc: dict[str, PairedGram] = {}
@@ -119,13 +119,13 @@ def paired_grams(
         ref_dir, new_dir = Path(scratch, "ref"), Path(scratch, "new")
         ref_dir.mkdir()
         new_dir.mkdir()
-        ref = _session_with_outputs(original, names, ref_dir, 2)
-        new = _session_with_outputs(pruned, names, new_dir, 2)
+        ref = session_with_outputs(original, names, ref_dir, 2)
+        new = session_with_outputs(pruned, names, new_dir, 2)
         for index, feed in enumerate(ctx.calibration_feeds()):
             if max_samples is not None and index >= max_samples:
                 break
-            want = _run(ref, names, feed, index)
-            got = _run(new, names, feed, index)
+            want = run_feed(ref, names, feed, index)
+            got = run_feed(new, names, feed, index)
             for name in names:
                 x, xt = want[name], got[name]
                 if name not in acc:
