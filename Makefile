@@ -24,7 +24,7 @@ ORT_HEADERS := .cache/ort-headers
 ORT_HEADERS_STAMP := $(ORT_HEADERS)/.complete
 EXT_BUILD := build/runtime_ext
 EXT_LIB := $(EXT_BUILD)/libgraphopt_ext.so
-EXT_SOURCES := $(wildcard runtime_ext/CMakeLists.txt runtime_ext/exports.map runtime_ext/src/*.cc runtime_ext/src/*.h)
+EXT_SOURCES := $(wildcard runtime_ext/CMakeLists.txt runtime_ext/exports.map runtime_ext/src/*.cc runtime_ext/src/*.h runtime_ext/tools/*.cc)
 
 runtime-ext: $(EXT_LIB)
 

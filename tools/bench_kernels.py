@@ -11,14 +11,13 @@ of this process times, interleaved and in random order:
 
 Weights are streamed from memory as in LLM decoding: each model holds R independent
 copies of the weight (R nodes on the same input) with R large enough that the copies
-exceed the last-level cache, and time per node is reported ("cold"). The same models
-with one copy ("hot", weights in L2/L3 after the first run) show the kernels' compute
-speed. Effective GB/s counts the bytes each operator must read (packed codes + scales; fp32
-weights for MatMul); the roofline is the machine's read bandwidth measured here: the
-largest of NumPy float32 sums over a large array (one thread, and one per intra-op
-thread), ONNX Runtime ``ReduceSum`` with the benchmark's thread count, and the fastest fp32
-GEMV streaming rate of the run (if the fp32 MatMul reads faster than the probes, the probes
-underestimate the machine).
+exceed the last-level cache twelve times over, and time per node is reported ("cold").
+Models whose R nodes share one weight ("hot", cache-resident after the first node) show
+the kernels' compute speed; both divide one ``run`` by R, so per-run overhead is spread
+thin. Effective GB/s counts the bytes each operator must read (packed codes + scales; fp32
+weights for MatMul); the roofline is the machine's streaming read bandwidth measured here:
+``graphopt_read_bandwidth`` (built with runtime_ext: 256-bit loads over 1 GiB with the
+benchmark's thread count), or ONNX Runtime ``ReduceSum`` over 512 MiB if that reads faster.
 
 With ``--smollm2`` it also lowers SmolLM2-135M (kv-cache) with
 ``wq(bits=4,group=128,sym=true)`` to MatMulLowBit (levels 0 and 4) and MatMulNBits (levels
@@ -39,8 +38,8 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,9 +63,14 @@ logger = logging.getLogger("bench_kernels")
 
 SHAPES = ((576, 1536), (1536, 576), (4096, 4096), (4096, 11008))
 GROUPS = (128, 32)
-#: Bytes the R weight copies of a "cold" model must exceed (L3 here is 32 MiB).
-COLD_BYTES = 96 * 2**20
-MAX_COPIES = 256
+#: Bytes the R weight copies of a "cold" model must exceed (L3 here is 32 MiB; reads stay
+#: faster than memory up to about 100 MiB of working set on this machine).
+COLD_BYTES = 384 * 2**20
+MAX_COPIES = 1024
+#: Nodes sharing one weight in a "hot" model.
+HOT_NODES = 8
+#: The read-bandwidth probe that runtime_ext's build puts next to the library.
+PROBE = ROOT / "build" / "runtime_ext" / "graphopt_read_bandwidth"
 
 
 @dataclass
@@ -76,7 +80,7 @@ class Variant:
     name: str
     group: int | None
     weight_bytes: int
-    build: Callable[[int], bytes]
+    build: Callable[[int, bool], bytes]  # (nodes, whether they share one weight) -> model
     custom: bool = False
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     copies: dict[str, int] = field(default_factory=dict)
@@ -111,6 +115,16 @@ def _quantized(rng: np.random.Generator, k: int, n: int, group: int) -> GroupQua
     return GroupQuantized(codes, scales, None, 4, group)
 
 
+def _variant_bytes(packed: np.ndarray, copy: int) -> np.ndarray:
+    """Copy ``copy`` of packed 4-bit codes with every nibble XORed by a per-copy constant.
+
+    Cold copies must differ: ONNX Runtime may share identical (pre-packed) weights, and then
+    the "cold" copies would be one cache-resident weight. Copy 0 is the original.
+    """
+    key = np.uint8((copy % 15) * 0x11)
+    return packed ^ key
+
+
 def _variants(k: int, n: int, rng: np.random.Generator) -> tuple[list[Variant], dict[int, GroupQuantized]]:
     variants: list[Variant] = []
     quantized = {g: _quantized(rng, k, n, g) for g in GROUPS}
@@ -122,40 +136,47 @@ def _variants(k: int, n: int, rng: np.random.Generator) -> tuple[list[Variant], 
         padded[:, :k] = q.codes  # MatMulNBits pads the last block of each column
         nbits_b = pack_codes(padded, 4).reshape(n, blocks, group // 2)
 
-        def build_ext(copies: int, ext=ext) -> bytes:
+        def build_ext(copies: int, shared: bool, ext=ext) -> bytes:
             nodes, inits = [], []
             for i in range(copies):
-                nodes.append(helper.make_node(OP_TYPE, ["A", f"B{i}", f"S{i}"], [f"Y{i}"], domain=DOMAIN,
+                w = 0 if shared else i
+                nodes.append(helper.make_node(OP_TYPE, ["A", f"B{w}", f"S{w}"], [f"Y{i}"], domain=DOMAIN,
                                               **ext.attributes))
-                inits += [numpy_helper.from_array(ext.packed, f"B{i}"), numpy_helper.from_array(ext.scales, f"S{i}")]
+                if i == w:
+                    inits += [numpy_helper.from_array(_variant_bytes(ext.packed, i), f"B{w}"),
+                              numpy_helper.from_array(ext.scales, f"S{w}")]
             return _model(k, n, nodes, inits)
 
-        def build_nbits(copies: int, level: int, b=nbits_b, q=q, group=group) -> bytes:
+        def build_nbits(copies: int, shared: bool, level: int, b=nbits_b, q=q, group=group) -> bytes:
             nodes, inits = [], []
             for i in range(copies):
-                nodes.append(helper.make_node("MatMulNBits", ["A", f"B{i}", f"S{i}"], [f"Y{i}"],
+                w = 0 if shared else i
+                nodes.append(helper.make_node("MatMulNBits", ["A", f"B{w}", f"S{w}"], [f"Y{i}"],
                                               domain="com.microsoft", K=k, N=n, bits=4, block_size=group,
                                               accuracy_level=level))
-                inits += [numpy_helper.from_array(b, f"B{i}"),
-                          numpy_helper.from_array(q.scales.reshape(-1), f"S{i}")]
+                if i == w:
+                    inits += [numpy_helper.from_array(_variant_bytes(b, i), f"B{w}"),
+                              numpy_helper.from_array(q.scales.reshape(-1), f"S{w}")]
             return _model(k, n, nodes, inits)
 
         ext_bytes = ext.packed.nbytes + ext.scales.nbytes
         nbits_bytes = nbits_b.nbytes + q.scales.nbytes
         variants.append(Variant(f"graphopt.MatMulLowBit acc0 g{group}", group, ext_bytes, build_ext, custom=True))
         variants.append(Variant(f"graphopt.MatMulLowBit acc4 g{group}", group, ext_bytes,
-                                lambda c, f=build_ext, e=ext4: f(c, e), custom=True))
+                                lambda c, s, f=build_ext, e=ext4: f(c, s, e), custom=True))
         variants.append(Variant(f"MatMulNBits acc0 b{group}", group, nbits_bytes,
-                                lambda c, f=build_nbits: f(c, 0)))
+                                lambda c, s, f=build_nbits: f(c, s, 0)))
         variants.append(Variant(f"MatMulNBits acc4 b{group}", group, nbits_bytes,
-                                lambda c, f=build_nbits: f(c, 4)))
+                                lambda c, s, f=build_nbits: f(c, s, 4)))
     weight = quantized[GROUPS[0]].dequantize_matmul_weight()
 
-    def build_fp32(copies: int) -> bytes:
+    def build_fp32(copies: int, shared: bool) -> bytes:
         nodes, inits = [], []
         for i in range(copies):
-            nodes.append(helper.make_node("MatMul", ["A", f"W{i}"], [f"Y{i}"]))
-            inits.append(numpy_helper.from_array(weight, f"W{i}"))
+            w = 0 if shared else i
+            nodes.append(helper.make_node("MatMul", ["A", f"W{w}"], [f"Y{i}"]))
+            if i == w:
+                inits.append(numpy_helper.from_array(weight * np.float32(1 + i / 1024), f"W{w}"))
         return _model(k, n, nodes, inits)
 
     variants.append(Variant("fp32 MatMul", None, weight.nbytes, build_fp32))
@@ -163,19 +184,19 @@ def _variants(k: int, n: int, rng: np.random.Generator) -> tuple[list[Variant], 
 
 
 def measure_read_bandwidth(threads: int, megabytes: int) -> dict[str, float]:
-    """Best-of read bandwidth in GB/s: NumPy sum (1 thread) and ORT ReduceSum (threads)."""
+    """Best-of streaming read bandwidth in GB/s: the C++ probe and ORT ReduceSum."""
+    rates: dict[str, float] = {}
+    if PROBE.exists():
+        out = subprocess.run([str(PROBE), "1024", str(threads), "9"], check=True, capture_output=True,
+                             text=True).stdout
+        for line in out.split():
+            if line.startswith("threads="):
+                count = line.split("=", 1)[1]
+            elif line.startswith("gbps="):
+                rates[f"graphopt_read_bandwidth, {count} thread(s), 1 GiB"] = float(line.split("=", 1)[1])
+    else:
+        logger.warning("%s is missing (run `make runtime-ext`); the roofline falls back to ReduceSum", PROBE)
     x = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
-    numpy_best = min(_timed(x.sum) for _ in range(7))
-    halves = np.array_split(x, threads)
-
-    def threaded_sum() -> None:
-        workers = [threading.Thread(target=h.sum) for h in halves]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-
-    threaded_best = min(_timed(threaded_sum) for _ in range(7))
     graph = helper.make_graph(
         [helper.make_node("ReduceSum", ["X"], ["Y"], keepdims=0)],
         "reduce",
@@ -187,9 +208,8 @@ def measure_read_bandwidth(threads: int, megabytes: int) -> dict[str, float]:
     feed = {"X": x}
     session.run(None, feed)
     ort_best = min(_timed(lambda: session.run(None, feed)) for _ in range(7))
-    return {"numpy sum, 1 thread": x.nbytes / numpy_best / 1e9,
-            f"numpy sum, {threads} threads": x.nbytes / threaded_best / 1e9,
-            f"ORT ReduceSum, {threads} threads": x.nbytes / ort_best / 1e9}
+    rates[f"ORT ReduceSum, {threads} threads, {megabytes} MiB"] = x.nbytes / ort_best / 1e9
+    return rates
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -228,8 +248,8 @@ def run_shape(k: int, n: int, threads: int, reps: int, seed: int) -> list[Varian
     a = rng.standard_normal((1, k)).astype(np.float32)
     for v in variants:
         cold = max(2, min(MAX_COPIES, -(-COLD_BYTES // v.weight_bytes)))
-        for mode, copies in (("hot", 1), ("cold", cold)):
-            v.sessions[mode] = ort.InferenceSession(v.build(copies), _options(threads, v.custom),
+        for mode, copies in (("hot", HOT_NODES), ("cold", cold)):
+            v.sessions[mode] = ort.InferenceSession(v.build(copies, mode == "hot"), _options(threads, v.custom),
                                                     providers=["CPUExecutionProvider"])
             v.copies[mode] = copies
             v.samples[mode] = []
@@ -243,9 +263,8 @@ def run_shape(k: int, n: int, threads: int, reps: int, seed: int) -> list[Varian
         for i in rng.permutation(len(order)):
             v, mode = order[i]
             session, copies = v.sessions[mode], v.copies[mode]
-            runs = 1 if mode == "cold" else 5
-            elapsed = _timed(lambda s=session, n=runs: [s.run(None, {"A": a}) for _ in range(n)])
-            v.samples[mode].append(elapsed / runs / copies)
+            elapsed = _timed(lambda s=session: s.run(None, {"A": a}))
+            v.samples[mode].append(elapsed / copies)
     for v in variants:
         v.sessions.clear()
     return variants
@@ -261,11 +280,9 @@ def render(results: dict[tuple[int, int], list[Variant]], bandwidth: dict[str, f
     best = {key: {v.name: {m: min(s) for m, s in v.samples.items()} for v in vs} for key, vs in results.items()}
     median = {key: {v.name: {m: statistics.median(s) for m, s in v.samples.items()} for v in vs}
               for key, vs in results.items()}
-    # The roofline: the fastest streaming read seen in this run, probes or fp32 GEMV (cold).
-    fp32_stream = max(v.weight_bytes / best[key][v.name]["cold"] / 1e9
-                      for key, vs in results.items() for v in vs if v.group is None)
-    rates = {**bandwidth, "fp32 MatMul GEMV (cold, best)": fp32_stream}
-    roofline = max(rates.values())
+    # The roofline: the fastest streaming read of the probes with the benchmark's threads.
+    rates = bandwidth
+    roofline = max(rate for name, rate in rates.items() if f"{threads} thread" in name)
     today = datetime.date.today().isoformat()
     cpu = _cpu_name()
     lines = [
@@ -278,16 +295,16 @@ def render(results: dict[tuple[int, int], list[Variant]], bandwidth: dict[str, f
         "",
         f"Reproduce: `{command}` (after `make setup`).",
         "",
-        ("Read bandwidth (best of 7 over 512 MiB, and the fastest fp32 GEMV below): "
+        ("Streaming read bandwidth (best of the probe's 9 and ReduceSum's 7 runs): "
          + ", ".join(f"{name} {gbs:.1f} GB/s" for name, gbs in rates.items())
-         + f"; roofline = the largest, {roofline:.1f} GB/s."),
+         + f"; roofline = the faster {threads}-thread probe, {roofline:.1f} GB/s."),
         "",
         ("M = 1, int4 symmetric codes (the same codes and scales for every int4 operator), fp32 "
          "activations; acc0 = fp32 arithmetic, acc4 = int8 activations. *cold*: weights "
-         "streamed from memory (R copies per model exceed the 32 MiB L3, as in LLM decoding); "
-         "*hot*: one copy, cache-resident after the first run. Times per node: best of the "
-         "rounds (median in brackets; the machine is shared, the best is the uncontended "
-         "speed). GB/s = bytes the operator reads (codes + scales, or fp32 weights) / best "
+         "streamed from memory (R copies per model, at least 384 MiB, as in LLM decoding); "
+         f"*hot*: {HOT_NODES} nodes sharing one weight, cache-resident after the first. Times "
+         "per node (one run / nodes): best of the rounds (median in brackets; the best is the "
+         "uncontended speed). GB/s = bytes the operator reads (codes + scales, or fp32 weights) / best "
          "time; % roofline = cold GB/s / roofline. Speed-ups are MatMulNBits time / "
          "MatMulLowBit time at the same accuracy level and group size, from best times "
          "(medians in brackets). Error: max |y - y_ref| / max |y_ref| against float64 on the "
@@ -319,6 +336,10 @@ def render(results: dict[tuple[int, int], list[Variant]], bandwidth: dict[str, f
                 ours, theirs = f"graphopt.MatMulLowBit acc{level} g{group}", f"MatMulNBits acc{level} b{group}"
                 speedups.append(f"acc{level} g{group}: cold {ratio(theirs, ours, 'cold')}, "
                                 f"hot {ratio(theirs, ours, 'hot')}")
+        ours = f"graphopt.MatMulLowBit acc4 g{GROUPS[0]}"
+        speedups.append(f"acc4 g{GROUPS[0]} vs MatMulNBits acc0 b{GROUPS[0]}: "
+                        f"cold {ratio(f'MatMulNBits acc0 b{GROUPS[0]}', ours, 'cold')}, "
+                        f"hot {ratio(f'MatMulNBits acc0 b{GROUPS[0]}', ours, 'hot')}")
         ours = f"graphopt.MatMulLowBit acc0 g{GROUPS[0]}"
         speedups.append(f"acc0 g{GROUPS[0]} vs fp32 MatMul: cold {ratio('fp32 MatMul', ours, 'cold')}, "
                         f"hot {ratio('fp32 MatMul', ours, 'hot')}")

@@ -1,9 +1,12 @@
 // Packed low-bit matmul kernels behind graphopt.MatMulLowBit.
 //
-// Weight layout (see runtime_ext/README.md): each output channel n is a row of
-// ceil(K / C) 32-byte blocks; a block is eight little-endian uint32 words holding
-// C = 8 * F codes with F = 32 / bits codes per word. Code k = block * C + f * 8 + w is in
-// word w at bits [f * bits, (f + 1) * bits). Codes past K are zero.
+// Weight layout ("channel tiles", see runtime_ext/README.md): output channels are grouped
+// into tiles of kTileChannels = 16. A tile is a run of 64-byte word columns (one cache
+// line each); column c holds sixteen little-endian uint32 words, word j belonging to
+// channel 16 t + j and holding its F = 32 / bits consecutive codes k = c F + f at bits
+// [f bits, (f + 1) bits). So one tile is one contiguous stream, and each 256-bit half of a
+// column gives eight channels in eight lanes. Scales and zero points are tile-major too:
+// [tiles, groups, 16]. Codes past K, channels past N and unused bits are zero.
 #pragma once
 
 #include <cstddef>
@@ -11,71 +14,95 @@
 
 namespace graphopt_ext {
 
+constexpr std::size_t kTileChannels = 16;
+constexpr std::size_t kColumnBytes = 4 * kTileChannels;  // one word per channel of a tile
+constexpr std::size_t kHalfChannels = 8;                 // channels per 256-bit vector
+constexpr std::size_t kHalves = kTileChannels / kHalfChannels;
+
+constexpr std::size_t codes_per_word(int bits) { return static_cast<std::size_t>(32 / bits); }
+
 // One MatMulLowBit evaluation: Y[M, N] = A[M, K] * dequant(W[N, K])^T (+ bias).
 struct LowBitProblem {
-  const float* a = nullptr;         // A rows, zero-padded to padded_k, row stride padded_k
+  const float* a = nullptr;         // A rows, row stride k (not padded)
   std::size_t m = 0;                // rows of A and Y
   std::size_t k = 0;                // input features
-  std::size_t padded_k = 0;         // multiple of codes_per_block(bits)
   std::size_t n = 0;                // output channels
   int bits = 4;                     // 2, 3, 4 or 8
   std::size_t group_size = 0;       // codes per group along K (last group may be short)
   std::size_t groups = 0;           // ceil(K / group_size)
-  const std::uint8_t* packed = nullptr;  // N rows of row_bytes
-  std::size_t row_bytes = 0;        // padded_k / codes_per_block(bits) * 32
-  const float* scales = nullptr;    // [N, groups]
-  const std::uint8_t* zero_points = nullptr;  // [N, groups] or null: 2^(bits-1)
+  std::size_t columns = 0;          // ceil(K / F): word columns per tile
+  std::size_t tiles = 0;            // ceil(N / 16)
+  const std::uint8_t* packed = nullptr;  // [tiles, columns * 32]
+  const float* scales = nullptr;         // [tiles, groups, 16]
+  const std::uint8_t* zero_points = nullptr;  // [tiles, groups, 16] or null: 2^(bits-1)
   const float* bias = nullptr;      // [N] or null
   float* y = nullptr;               // [M, N]
-  const float* prepared = nullptr;  // what KernelSet::prepare derived from A (ISA-specific)
-  // accuracy_level 4: A quantized to int8 per group (see Int8Activations).
-  int accuracy_level = 0;
-  const std::uint8_t* int8_prepared = nullptr;
-  std::size_t int8_stride = 0;  // bytes per row of A in int8_prepared
+  int accuracy_level = 0;           // 0: fp32 activations; 4: int8 activations
+  // What KernelSet::prepare derived from A (layout owned by the kernel set).
+  const std::uint8_t* prepared = nullptr;
+  std::size_t prepared_stride = 0;  // bytes per row of A in prepared
+
+  std::size_t padded_k() const { return columns * codes_per_word(bits); }
+  const std::uint8_t* tile(std::size_t t) const { return packed + t * columns * kColumnBytes; }
+  const float* tile_scales(std::size_t t) const { return scales + t * groups * kTileChannels; }
+  const std::uint8_t* tile_zero_points(std::size_t t) const {
+    return zero_points ? zero_points + t * groups * kTileChannels : nullptr;
+  }
 };
 
+// Code k of channel lane j (0..15) of tile t.
+std::uint32_t code_at(const LowBitProblem& p, std::size_t t, std::size_t j, std::size_t k);
+
+// Zero point of channel lane j of tile t in group g.
+inline std::int32_t zero_point_at(const LowBitProblem& p, std::size_t t, std::size_t j, std::size_t g) {
+  const std::uint8_t* zps = p.tile_zero_points(t);
+  return zps ? zps[g * kTileChannels + j] : (1 << (p.bits - 1));
+}
+
+// ---------------------------------------------------------------- int8 activations
+//
 // accuracy_level 4: each row of A is quantized per group g to
-//   q[k] = nearbyint(a[k] * 127 / amax_g), clamped to [-127, 127], scale_g = amax_g / 127
-// and Y[m, n] = sum_g (scale[n, g] * scale_g) * float(sum_k (code - zp) * q[k]) with the
-// inner sums exact in integers. Per row of A, at int8_prepared + m * int8_stride:
-//   int8 q[padded_k] (natural order), int8 q[padded_k] (4-bit block order: the bytes of
-//   word w, byte b are k = 16 b + w (first 32 bytes) and 16 b + 8 + w (next 32 bytes) of
-//   each 64-code block), float scale[groups], int32 sum_q[groups].
+//   q[k] = nearbyint(a[k] * (127 / amax_g)), clamped to [-127, 127], s_g = amax_g / 127
+// and Y[m, n] = sum_g float(sum_k (code - zp) * q[k]) * (scale[n, g] * s_g), the inner sums
+// exact in integers, accumulated in float group by group (no fused multiply-add), so every
+// kernel gives bit-identical results. Per row of A, at prepared + m * prepared_stride:
+//   int8 natural[padded_k]; int8 lanes[padded_k] (each word's F codes in pass order: for
+//   bits b in {2, 4, 8}, P = 8 / b passes, pass t's four bytes are q[c F + P i + t],
+//   i = 0..3, which is what (word >> t b) & mask yields per byte); float scale[groups];
+//   int32 sum_q[groups].
 struct Int8Row {
   const std::int8_t* natural;
-  const std::int8_t* blocked;
+  const std::int8_t* lanes;
   const float* scales;
   const std::int32_t* sums;
 };
 Int8Row int8_row(const LowBitProblem& p, std::size_t m);
 std::size_t int8_workspace_bytes(const LowBitProblem& p);
+std::size_t int8_row_stride(const LowBitProblem& p);  // bytes per row of A in the workspace
 void int8_prepare(LowBitProblem& p, std::uint8_t* workspace);
-// AVX2 accuracy_level-4 rows (kernels_avx2_int8.cc): bits 4 with group_size % 64 == 0 or
-// == 32; int8_rows_generic() otherwise.
-void int8_rows_avx2(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end);
+// The same quantization with AVX2 (bit-identical; kernels_avx2.cc, AVX2 CPUs only).
+void int8_prepare_avx2(LowBitProblem& p, std::uint8_t* workspace);
 
 // Portable accuracy_level-4 kernel (any bits and group size); used by every ISA for the
-// configurations its fast path does not cover.
-void int8_rows_generic(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end);
+// configurations its fast path does not cover. Computes tiles [t_begin, t_end).
+void int8_tiles_generic(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end);
 
-constexpr std::size_t kBlockBytes = 32;
-constexpr std::size_t kWordsPerBlock = 8;
+// Whether the SIMD int8 kernels handle p: bits 2, 4 or 8 (AVX2: 2 or 4) and whole words
+// per group.
+bool int8_simd_shape(const LowBitProblem& p);
 
-constexpr std::size_t codes_per_word(int bits) { return static_cast<std::size_t>(32 / bits); }
-constexpr std::size_t codes_per_block(int bits) { return kWordsPerBlock * codes_per_word(bits); }
-
-// Computes Y[:, n_begin:n_end] (bias included). Thread-safe for disjoint ranges.
-using RowRangeKernel = void (*)(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end);
+// Computes Y[:, 16 t_begin : 16 t_end] (bias included; lanes past N are not written).
+// Thread-safe for disjoint ranges.
+using TileRangeKernel = void (*)(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end);
 
 // One instruction-set's kernels. Per call: workspace_bytes(p) bytes of scratch (a byte
 // buffer, aligned for floats, in which prepare() creates its arrays), then
-// prepare(p, workspace) once (sets p.prepared or p.int8_prepared), then rows() over
-// disjoint N ranges.
+// prepare(p, workspace) once (sets p.prepared), then tiles() over disjoint tile ranges.
 struct KernelSet {
   const char* isa;
   std::size_t (*workspace_bytes)(const LowBitProblem& p);
   void (*prepare)(LowBitProblem& p, std::uint8_t* workspace);
-  RowRangeKernel rows;
+  TileRangeKernel tiles;
 };
 
 // Portable kernels (any bits, any group size).
@@ -84,16 +111,15 @@ const KernelSet& scalar_kernels();
 // AVX2+FMA kernels; only use when cpu_has_avx2_fma() is true.
 const KernelSet& avx2_kernels();
 
-// A per-thread float buffer of at least count elements (valid until the next call on the
-// same thread). Throws std::bad_alloc.
-float* thread_scratch(std::size_t count);
+// AVX2 int8 tiles (kernels_avx2_int8.cc); bits 2 and 4 with int8_simd_shape(p).
+void int8_tiles_avx2(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end);
 
-// AVX2+FMA kernels whose accuracy_level-4 fast path uses AVX512-VNNI (256-bit); only use
-// when cpu_has_avx512_vnni() is true as well.
+// AVX2+FMA kernels whose accuracy_level-4 path uses AVX512-VNNI (256-bit); only use when
+// cpu_has_avx512_vnni() is true as well.
 const KernelSet& avx2_vnni_kernels();
 
-// The AVX512-VNNI accuracy_level-4 rows (bits 4, group_size % 64 == 0 only).
-void int8_rows_vnni(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end);
+// The AVX512-VNNI int8 tiles (kernels_vnni.cc); int8_simd_shape(p).
+void int8_tiles_vnni(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end);
 
 // Whether this CPU and OS support AVX2 and FMA.
 bool cpu_has_avx2_fma();

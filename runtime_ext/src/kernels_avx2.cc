@@ -4,30 +4,29 @@
 // so no AVX2-compiled inline function can be merged into code the other units run.
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "kernels.h"
 #include "simd_common.h"
 
 namespace graphopt_ext {
 namespace {
 
-// ---------------------------------------------------------------- GEMV (M == 1)
+// ---------------------------------------------------------------- fp32 activations
 //
-// Needs group_size % 8 == 0 (each chunk of 8 consecutive codes lies in one group).
-// Field f of a word holds code * 2^(f * BITS) after a plain AND with its mask, and that
-// converts to float exactly; prepare() scales A's chunk of field f by 2^-(f * BITS) so no
-// shift is needed (the top field of a full word is shifted instead, as its mask would hit
-// the sign bit). Zero points enter once per group: sum((code - zp) * a) =
-// sum(code * a) - zp * sum(a), with the group sums of A from prepare(). So one 8-code
-// chunk of one row costs AND, convert and FMA.
+// A 256-bit load of half of word column c of a tile holds field f (code k = c F + f) of the eight
+// channels in the eight lanes, as code * 2^(f bits) after an AND with the field's mask;
+// that converts to float exactly. prepare() scales A's element k by 2^-(f bits) so no shift
+// is needed (the top field of a full word is shifted instead, as its mask would reach the
+// sign bit). Then each field costs AND, convert and one FMA per row of A against A's
+// broadcast element, and the lanes of a column's two halves accumulate sixteen output
+// channels: no horizontal sums. Zero points enter once per group, sum((code - zp) a) = sum(code a) - zp sum(a),
+// with A's group sums from prepare(); scales once per group.
 //
-// prepared layout: a_scaled[padded_k], then group_sums[groups].
+// prepared, per row of A (prepared_stride bytes): float a_scaled[padded_k] (zero past K),
+// float group_sum[groups].
 
-template <int BITS>
-std::size_t gemv_workspace(const LowBitProblem& p) {
-  return (p.padded_k + p.groups) * sizeof(float);
-}
+std::size_t fp32_row_floats(const LowBitProblem& p) { return (p.padded_k() + p.groups + 15) / 16 * 16; }
+
+std::size_t fp32_workspace(const LowBitProblem& p) { return p.m * fp32_row_floats(p) * sizeof(float); }
 
 template <int BITS>
 constexpr bool top_field_shifted() {
@@ -35,297 +34,339 @@ constexpr bool top_field_shifted() {
 }
 
 template <int BITS>
-void gemv_prepare(LowBitProblem& p, std::uint8_t* workspace) {
+void fp32_prepare_bits(LowBitProblem& p, std::uint8_t* workspace) {
   constexpr std::size_t kFields = codes_per_word(BITS);
-  float* a_scaled = reinterpret_cast<float*>(workspace);  // float arrays created in byte storage
-  float* group_sums = a_scaled + p.padded_k;
-  const std::size_t chunks = p.padded_k / kLanes;
   float factors[kFields];
-  for (std::size_t field = 0; field < kFields; ++field) {
-    const bool shifted = top_field_shifted<BITS>() && field == kFields - 1;
-    factors[field] = shifted ? 1.0f : 1.0f / static_cast<float>(1u << (field * BITS));  // exact powers of 2
+  for (std::size_t f = 0; f < kFields; ++f) {
+    const bool shifted = top_field_shifted<BITS>() && f == kFields - 1;
+    factors[f] = shifted ? 1.0f : 1.0f / static_cast<float>(1u << (f * BITS));  // exact powers of 2
   }
-  for (std::size_t c = 0; c < chunks; ++c) {
-    const __m256 factor = _mm256_set1_ps(factors[c % kFields]);
-    _mm256_storeu_ps(a_scaled + c * kLanes, _mm256_mul_ps(_mm256_loadu_ps(p.a + c * kLanes), factor));
-  }
-  for (std::size_t g = 0; g < p.groups; ++g) {
-    const std::size_t k0 = g * p.group_size;
-    const std::size_t k1 = min_size(k0 + p.group_size, p.k);
-    __m256 acc = _mm256_setzero_ps();
-    std::size_t k = k0;
-    for (; k + kLanes <= k1; k += kLanes) acc = _mm256_add_ps(acc, _mm256_loadu_ps(p.a + k));
-    float sum = hsum(acc);
-    for (; k < k1; ++k) sum += p.a[k];
-    group_sums[g] = sum;
-  }
-  p.prepared = a_scaled;
-}
-
-template <int BITS, int NR>
-void gemv_tile(const LowBitProblem& p, std::size_t n0) {
-  constexpr std::size_t kFields = codes_per_word(BITS);
-  constexpr std::size_t kCodesPerBlock = codes_per_block(BITS);
-  constexpr std::uint32_t kMask = (1u << BITS) - 1u;
-  const float* a_scaled = p.prepared;
-  const float* group_sums = p.prepared + p.padded_k;
-  const std::size_t blocks = p.padded_k / kCodesPerBlock;
-  const std::size_t chunks_per_group = p.group_size / kLanes;
-  const std::size_t last_group = p.groups - 1;
-
-  const std::uint8_t* rows[NR];
-  const float* scales[NR];
-  // Two accumulators per row (even and odd fields) keep 2 * NR FMA chains in flight.
-  __m256 acc[NR][2];
-  float total[NR][kLanes] = {};
-  for (int r = 0; r < NR; ++r) {
-    rows[r] = p.packed + (n0 + r) * p.row_bytes;
-    scales[r] = p.scales + (n0 + r) * p.groups;
-    acc[r][0] = _mm256_setzero_ps();
-    acc[r][1] = _mm256_setzero_ps();
-  }
-  auto flush = [&](std::size_t group) {
-    // Past the last group only zero padding accumulates: clamp the scale index.
-    const std::size_t g = group < last_group ? group : last_group;
-    for (int r = 0; r < NR; ++r) {
-      const __m256 sum = _mm256_add_ps(acc[r][0], acc[r][1]);
-      _mm256_storeu_ps(total[r], _mm256_fmadd_ps(sum, _mm256_set1_ps(scales[r][g]), _mm256_loadu_ps(total[r])));
-      acc[r][0] = _mm256_setzero_ps();
-      acc[r][1] = _mm256_setzero_ps();
-    }
-  };
-  std::size_t group = 0;
-  std::size_t in_group = 0;
-  for (std::size_t b = 0; b < blocks; ++b) {
-    __m256i words[NR];
-    for (int r = 0; r < NR; ++r) words[r] = load_block(rows[r] + b * kBlockBytes);
-    const float* a_block = a_scaled + b * kCodesPerBlock;
-#pragma GCC unroll 16
-    for (std::size_t f = 0; f < kFields; ++f) {
-      const __m256 av = _mm256_loadu_ps(a_block + f * kLanes);
-      const bool shifted = top_field_shifted<BITS>() && f == kFields - 1;
-      const __m256i mask = _mm256_set1_epi32(static_cast<int>(kMask << (f * BITS)));
-      for (int r = 0; r < NR; ++r) {
-        const __m256i codes = shifted ? _mm256_srli_epi32(words[r], 32 - BITS) : _mm256_and_si256(words[r], mask);
-        acc[r][f & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), av, acc[r][f & 1]);
-      }
-      if (++in_group == chunks_per_group) {
-        flush(group);
-        ++group;
-        in_group = 0;
-      }
-    }
-  }
-  if (in_group) flush(group);
-  const float implicit_zp = static_cast<float>(1 << (BITS - 1));
-  for (int r = 0; r < NR; ++r) {
-    const std::uint8_t* zps = p.zero_points ? p.zero_points + (n0 + r) * p.groups : nullptr;
-    float correction = 0.0f;
+  const std::size_t stride = fp32_row_floats(p);
+  float* base = reinterpret_cast<float*>(workspace);  // float arrays created in byte storage
+  for (std::size_t m = 0; m < p.m; ++m) {
+    const float* a = p.a + m * p.k;
+    float* scaled = base + m * stride;
+    float* group_sums = scaled + p.padded_k();
+    for (std::size_t k = 0; k < p.padded_k(); ++k) scaled[k] = k < p.k ? a[k] * factors[k % kFields] : 0.0f;
     for (std::size_t g = 0; g < p.groups; ++g) {
-      const float zp = zps ? static_cast<float>(zps[g]) : implicit_zp;
-      correction += scales[r][g] * zp * group_sums[g];
+      const std::size_t k0 = g * p.group_size;
+      const std::size_t k1 = min_size(k0 + p.group_size, p.k);
+      __m256 acc = _mm256_setzero_ps();
+      std::size_t k = k0;
+      for (; k + kLanes <= k1; k += kLanes) acc = _mm256_add_ps(acc, _mm256_loadu_ps(a + k));
+      float sum = hsum(acc);
+      for (; k < k1; ++k) sum += a[k];
+      group_sums[g] = sum;
     }
-    float y = hsum(_mm256_loadu_ps(total[r])) - correction;
-    if (p.bias) y += p.bias[n0 + r];
-    p.y[n0 + r] = y;
+  }
+  p.prepared = workspace;
+  p.prepared_stride = stride * sizeof(float);
+}
+
+void fp32_prepare(LowBitProblem& p, std::uint8_t* workspace) {
+  switch (p.bits) {
+    case 2: fp32_prepare_bits<2>(p, workspace); break;
+    case 3: fp32_prepare_bits<3>(p, workspace); break;
+    case 4: fp32_prepare_bits<4>(p, workspace); break;
+    default: fp32_prepare_bits<8>(p, workspace); break;
   }
 }
 
+// Field f of word column vector w, as float (exact): code * 2^(f BITS).
 template <int BITS>
-void gemv_rows(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end) {
-  std::size_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) gemv_tile<BITS, 4>(p, n);
-  for (; n < n_end; ++n) gemv_tile<BITS, 1>(p, n);
+inline __m256 field_as_float(__m256i w, std::size_t f) {
+  constexpr std::size_t kFields = codes_per_word(BITS);
+  if (top_field_shifted<BITS>() && f == kFields - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 32 - BITS));
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(((1u << BITS) - 1u) << (f * BITS)));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
 }
 
-// Dequantizes row n into out[0 .. chunks * 8): (code - zp) * scale, zeros past K.
+// Zero points of half h of tile t in group g as floats (implicit 2^(BITS-1) when absent).
 template <int BITS>
-void dequant_row_vec(const LowBitProblem& p, std::size_t n, float* out) {
+inline __m256 zero_points_ps(const LowBitProblem& p, std::size_t t, std::size_t g, std::size_t h) {
+  const std::uint8_t* zps = p.tile_zero_points(t);
+  if (!zps) return _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));
+  const std::uint8_t* at = zps + g * kTileChannels + h * kHalfChannels;
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at))));
+}
+
+// Y[m0 .. m0 + MR, tile t] += sum over group g's columns, then the group's scale and zero
+// points. group_size % F == 0 (whole columns per group). Independent accumulators per
+// (half, row) and field parity: eight FMA chains in flight for any MR.
+template <int BITS, int MR>
+void fp32_block(const LowBitProblem& p, std::size_t t, std::size_t m0) {
   constexpr std::size_t kFields = codes_per_word(BITS);
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  const int implicit_zp = 1 << (BITS - 1);
-  const std::size_t chunks = (p.k + kLanes - 1) / kLanes;
-  const std::size_t chunks_per_group = p.group_size / kLanes;
-  const std::uint8_t* row = p.packed + n * p.row_bytes;
-  const float* scales = p.scales + n * p.groups;
-  const std::uint8_t* zps = p.zero_points ? p.zero_points + n * p.groups : nullptr;
-  std::size_t block_offset = 0;
-  std::size_t field = 0;
+  constexpr int kH = static_cast<int>(kHalves);
+  constexpr int kSplit = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  const std::size_t columns_per_group = p.group_size / kFields;
+  const float* rows[MR];
+  const float* group_sums[MR];
+  for (int r = 0; r < MR; ++r) {
+    rows[r] = reinterpret_cast<const float*>(p.prepared + (m0 + r) * p.prepared_stride);
+    group_sums[r] = rows[r] + p.padded_k();
+  }
+  const std::uint8_t* tile = p.tile(t);
+  const float* tile_scales = p.tile_scales(t);
+  __m256 total[kH][MR];
+  for (int h = 0; h < kH; ++h)
+    for (int r = 0; r < MR; ++r) total[h][r] = _mm256_setzero_ps();
   for (std::size_t g = 0; g < p.groups; ++g) {
-    const std::size_t c0 = g * chunks_per_group;
-    const std::size_t c1 = min_size(c0 + chunks_per_group, chunks);
-    const __m256i zp = _mm256_set1_epi32(zps ? zps[g] : implicit_zp);
-    const __m256 scale = _mm256_set1_ps(scales[g]);
+    const std::size_t c0 = g * columns_per_group;
+    const std::size_t c1 = min_size(c0 + columns_per_group, p.columns);
+    __m256 acc[kH][MR][kSplit];
+    for (int h = 0; h < kH; ++h)
+      for (int r = 0; r < MR; ++r)
+        for (int s = 0; s < kSplit; ++s) acc[h][r][s] = _mm256_setzero_ps();
     for (std::size_t c = c0; c < c1; ++c) {
-      const __m128i count = _mm_cvtsi32_si128(static_cast<int>(field * BITS));
-      const __m256i codes = _mm256_and_si256(_mm256_srl_epi32(load_block(row + block_offset), count), mask);
-      _mm256_storeu_ps(out + c * kLanes, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes, zp)), scale));
-      if (++field == kFields) {
-        field = 0;
-        block_offset += kBlockBytes;
+      __m256i w[kH];
+      for (int h = 0; h < kH; ++h) w[h] = load_block(tile + c * kColumnBytes + static_cast<std::size_t>(h) * 32);
+      const std::size_t k = c * kFields;
+#pragma GCC unroll 16
+      for (std::size_t f = 0; f < kFields; ++f) {
+        __m256 codes[kH];
+        for (int h = 0; h < kH; ++h) codes[h] = field_as_float<BITS>(w[h], f);
+        for (int r = 0; r < MR; ++r) {
+          const __m256 a = _mm256_broadcast_ss(rows[r] + k + f);
+          for (int h = 0; h < kH; ++h) acc[h][r][f % kSplit] = _mm256_fmadd_ps(codes[h], a, acc[h][r][f % kSplit]);
+        }
+      }
+    }
+    for (int h = 0; h < kH; ++h) {
+      const __m256 scale = _mm256_loadu_ps(tile_scales + g * kTileChannels + static_cast<std::size_t>(h) * kHalfChannels);
+      const __m256 zp = zero_points_ps<BITS>(p, t, g, static_cast<std::size_t>(h));
+      for (int r = 0; r < MR; ++r) {
+        __m256 sum = acc[h][r][0];
+        for (int s = 1; s < kSplit; ++s) sum = _mm256_add_ps(sum, acc[h][r][s]);
+        const __m256 centered = _mm256_fnmadd_ps(zp, _mm256_broadcast_ss(group_sums[r] + g), sum);
+        total[h][r] = _mm256_fmadd_ps(centered, scale, total[h][r]);
       }
     }
   }
-  // Codes past K dequantize to -zp * scale; A is zero there, but keep the row clean.
-  for (std::size_t k = p.k; k < chunks * kLanes; ++k) out[k] = 0.0f;
+  for (int h = 0; h < kH; ++h)
+    for (int r = 0; r < MR; ++r) store_half_row(p, t, static_cast<std::size_t>(h), m0 + r, total[h][r]);
 }
 
-// Any group size: one code at a time.
-void dequant_row_any(const LowBitProblem& p, std::size_t n, float* out) {
-  const std::uint8_t* row = p.packed + n * p.row_bytes;
-  const float* scales = p.scales + n * p.groups;
-  const std::uint8_t* zps = p.zero_points ? p.zero_points + n * p.groups : nullptr;
-  const std::uint32_t implicit_zp = 1u << (p.bits - 1);
-  const std::size_t per_block = kWordsPerBlock * static_cast<std::size_t>(32 / p.bits);
-  const std::uint32_t mask = (1u << p.bits) - 1u;
-  const std::size_t chunks = (p.k + kLanes - 1) / kLanes;
-  for (std::size_t k = 0; k < p.k; ++k) {
-    const std::size_t g = k / p.group_size;
-    const std::size_t in_block = k % per_block;
-    std::uint32_t word = 0;
-    std::memcpy(&word, row + (k / per_block) * kBlockBytes + (in_block % kWordsPerBlock) * 4, 4);
-    const std::uint32_t code = (word >> ((in_block / kWordsPerBlock) * p.bits)) & mask;
-    const float zp = static_cast<float>(zps ? zps[g] : implicit_zp);
-    out[k] = (static_cast<float>(code) - zp) * scales[g];
+// Any group size: fields one at a time with runtime masks (groups may split a word).
+template <int BITS>
+void fp32_tile_any_group(const LowBitProblem& p, std::size_t t, std::size_t m) {
+  constexpr std::size_t kFields = codes_per_word(BITS);
+  const float* row = reinterpret_cast<const float*>(p.prepared + m * p.prepared_stride);
+  const float* group_sums = row + p.padded_k();
+  const std::uint8_t* tile = p.tile(t);
+  for (std::size_t h = 0; h < kHalves; ++h) {
+    __m256 total = _mm256_setzero_ps();
+    for (std::size_t g = 0; g < p.groups; ++g) {
+      const std::size_t k0 = g * p.group_size;
+      const std::size_t k1 = min_size(k0 + p.group_size, p.k);
+      __m256 acc = _mm256_setzero_ps();
+      for (std::size_t k = k0; k < k1; ++k) {
+        const std::size_t f = k % kFields;
+        const __m256i w = load_block(tile + (k / kFields) * kColumnBytes + h * 32);
+        __m256 codes;
+        if (top_field_shifted<BITS>() && f == kFields - 1) {
+          codes = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 32 - BITS));
+        } else {
+          const __m256i mask = _mm256_set1_epi32(static_cast<int>(((1u << BITS) - 1u) << (f * BITS)));
+          codes = _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
+        }
+        acc = _mm256_fmadd_ps(codes, _mm256_broadcast_ss(row + k), acc);
+      }
+      const __m256 scale = _mm256_loadu_ps(p.tile_scales(t) + g * kTileChannels + h * kHalfChannels);
+      const __m256 centered = _mm256_fnmadd_ps(zero_points_ps<BITS>(p, t, g, h), _mm256_broadcast_ss(group_sums + g), acc);
+      total = _mm256_fmadd_ps(centered, scale, total);
+    }
+    store_half_row(p, t, h, m, total);
   }
-  for (std::size_t k = p.k; k < chunks * kLanes; ++k) out[k] = 0.0f;
 }
 
-using DequantFn = void (*)(const LowBitProblem&, std::size_t, float*);
+// Each tile: rows of A in blocks of four, then the remainder.
+template <int BITS>
+void fp32_tiles_bits(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end) {
+  const bool whole_columns = p.group_size % codes_per_word(BITS) == 0;
+  for (std::size_t t = t_begin; t < t_end; ++t) {
+    if (!whole_columns) {
+      for (std::size_t m = 0; m < p.m; ++m) fp32_tile_any_group<BITS>(p, t, m);
+      continue;
+    }
+    std::size_t m = 0;
+    for (; m + 4 <= p.m; m += 4) fp32_block<BITS, 4>(p, t, m);
+    switch (p.m - m) {
+      case 3: fp32_block<BITS, 3>(p, t, m); break;
+      case 2: fp32_block<BITS, 2>(p, t, m); break;
+      case 1: fp32_block<BITS, 1>(p, t, m); break;
+      default: break;
+    }
+  }
+}
 
-DequantFn dequant_for(const LowBitProblem& p) {
-  if (p.group_size % kLanes != 0) return &dequant_row_any;
+void fp32_tiles(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end) {
   switch (p.bits) {
-    case 2: return &dequant_row_vec<2>;
-    case 3: return &dequant_row_vec<3>;
-    case 4: return &dequant_row_vec<4>;
-    case 8: return &dequant_row_vec<8>;
-    default: return &dequant_row_any;
+    case 2: fp32_tiles_bits<2>(p, t_begin, t_end); break;
+    case 3: fp32_tiles_bits<3>(p, t_begin, t_end); break;
+    case 4: fp32_tiles_bits<4>(p, t_begin, t_end); break;
+    default: fp32_tiles_bits<8>(p, t_begin, t_end); break;
   }
 }
 
-// Y[m0 .. m0+MR, n0 .. n0+NR] from dequantized rows w[NR] (chunks * 8 floats each).
-template <int MR, int NR>
-void dot_tile(const LowBitProblem& p, const float* const* w, std::size_t m0, std::size_t n0,
-              std::size_t chunks) {
-  __m256 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  const float* a[MR];
-  for (int i = 0; i < MR; ++i) a[i] = p.a + (m0 + i) * p.padded_k;
-  for (std::size_t c = 0; c < chunks; ++c) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w[j] + c * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_loadu_ps(a[i] + c * kLanes);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(wv[j], av, acc[i][j]);
+// ---------------------------------------------------------------- int8 activations
+//
+// int8_prepare() eight values at a time: |a| by clearing the sign bit, the group's amax
+// with VMAXPS, finiteness by |a| < inf, a * (127 / amax) rounded with VROUNDPS to nearest
+// even (the scalar code's exact rounding), clamped, packed to bytes; the same float
+// operations in the same order, so the results are identical. Lanes order by one byte
+// shuffle per 16 codes.
+
+// Quantizes a[k0, k1) with inverse into q (and returns the sum), scalar tail included.
+inline std::int32_t quantize_run(const float* a, std::size_t k0, std::size_t k1, float inverse, std::int8_t* q) {
+  const __m256 scale = _mm256_set1_ps(inverse);
+  const __m256 hi = _mm256_set1_ps(127.0f);
+  const __m256 lo = _mm256_set1_ps(-127.0f);
+  __m256i sums = _mm256_setzero_si256();
+  std::size_t k = k0;
+  for (; k + kLanes <= k1; k += kLanes) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(a + k), scale);
+    const __m256 r = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    const __m256i v = _mm256_cvtps_epi32(r);
+    sums = _mm256_add_epi32(sums, v);
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(words, words));
+  }
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  std::int32_t sum = _mm_cvtsi128_si32(s4);
+  for (; k < k1; ++k) {
+    const __m128 x = _mm_mul_ss(_mm_set_ss(a[k]), _mm_set_ss(inverse));
+    const __m128 r = _mm_min_ss(_mm_max_ss(_mm_round_ss(x, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                           _mm_set_ss(-127.0f)), _mm_set_ss(127.0f));
+    const auto value = static_cast<std::int8_t>(_mm_cvtss_si32(r));
+    q[k] = value;
+    sum += value;
+  }
+  return sum;
+}
+
+// Largest |a[k]| over [k0, k1) and whether all are finite.
+inline float group_amax(const float* a, std::size_t k0, std::size_t k1, bool* finite) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  __m256 amax = _mm256_setzero_ps();
+  __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  std::size_t k = k0;
+  for (; k + kLanes <= k1; k += kLanes) {
+    const __m256 magnitude = _mm256_andnot_ps(sign, _mm256_loadu_ps(a + k));
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(magnitude, inf, _CMP_LT_OQ));
+    amax = _mm256_max_ps(amax, magnitude);
+  }
+  alignas(32) float lanes[kLanes];
+  _mm256_store_ps(lanes, amax);
+  float result = 0.0f;
+  for (float lane : lanes) result = lane > result ? lane : result;
+  bool all = _mm256_movemask_ps(ok) == 0xFF;
+  for (; k < k1; ++k) {
+    const float magnitude = a[k] < 0.0f ? -a[k] : a[k];
+    all = all && magnitude < __builtin_inff();
+    result = magnitude > result ? magnitude : result;
+  }
+  *finite = all;
+  return result;
+}
+
+}  // namespace
+
+void int8_prepare_avx2(LowBitProblem& p, std::uint8_t* workspace) {
+  const std::size_t padded_k = p.padded_k();
+  p.prepared_stride = int8_row_stride(p);
+  p.prepared = workspace;
+  // Byte order of one 16-code lane: pass t's four bytes are codes P i + t.
+  alignas(16) static const std::int8_t kOrder4[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+  alignas(16) static const std::int8_t kOrder2[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  for (std::size_t m = 0; m < p.m; ++m) {
+    std::uint8_t* base = workspace + m * p.prepared_stride;
+    auto* natural = reinterpret_cast<std::int8_t*>(base);
+    auto* lanes = reinterpret_cast<std::int8_t*>(base + padded_k);
+    auto* scales = reinterpret_cast<float*>(base + 2 * padded_k);
+    auto* sums = reinterpret_cast<std::int32_t*>(scales + p.groups);
+    const float* a = p.a + m * p.k;
+    for (std::size_t k = p.k; k < padded_k; ++k) natural[k] = 0;
+    for (std::size_t g = 0; g < p.groups; ++g) {
+      const std::size_t k0 = g * p.group_size;
+      const std::size_t k1 = min_size(k0 + p.group_size, p.k);
+      bool finite = true;
+      const float amax = group_amax(a, k0, k1, &finite);
+      // A non-finite activation makes the group's scale NaN, so Y is NaN as in fp32.
+      const float inverse = (finite && amax > 0.0f) ? 127.0f / amax : 0.0f;
+      if (finite) {
+        sums[g] = quantize_run(a, k0, k1, inverse, natural);
+      } else {
+        for (std::size_t k = k0; k < k1; ++k) natural[k] = 0;
+        sums[g] = 0;
+      }
+      scales[g] = finite ? amax / 127.0f : __builtin_nanf("");
+    }
+    if (p.bits == 4 || p.bits == 2) {
+      const __m128i order = _mm_load_si128(reinterpret_cast<const __m128i*>(p.bits == 4 ? kOrder4 : kOrder2));
+      std::size_t k = 0;
+      for (; k + 16 <= padded_k; k += 16) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(natural + k));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes + k), _mm_shuffle_epi8(bytes, order));
+      }
+      if (k < padded_k) {  // int4: one last word of 8 codes (its order entries stay below 8)
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(natural + k));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(lanes + k), _mm_shuffle_epi8(bytes, order));
+      }
+    } else if (p.bits == 8) {
+      for (std::size_t k = 0; k < padded_k; ++k) lanes[k] = natural[k];
+    } else {
+      for (std::size_t k = 0; k < padded_k; ++k) lanes[k] = 0;
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      float y = hsum(acc[i][j]);
-      if (p.bias) y += p.bias[n0 + j];
-      p.y[(m0 + i) * p.n + n0 + j] = y;
-    }
-  }
 }
 
-template <int NR>
-void dot_rows(const LowBitProblem& p, const float* const* w, std::size_t n0, std::size_t chunks) {
-  std::size_t m = 0;
-  for (; m + 4 <= p.m; m += 4) dot_tile<4, NR>(p, w, m, n0, chunks);
-  switch (p.m - m) {
-    case 3: dot_tile<3, NR>(p, w, m, n0, chunks); break;
-    case 2: dot_tile<2, NR>(p, w, m, n0, chunks); break;
-    case 1: dot_tile<1, NR>(p, w, m, n0, chunks); break;
-    default: break;
-  }
-}
-
-// Small GEMM (and GEMV with odd group sizes): dequantize two rows, then dot with all of A.
-void gemm_rows(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end) {
-  const std::size_t chunks = (p.k + kLanes - 1) / kLanes;
-  float* buffer = thread_scratch(2 * chunks * kLanes);
-  float* rows[2] = {buffer, buffer + chunks * kLanes};
-  const DequantFn dequant = dequant_for(p);
-  std::size_t n = n_begin;
-  for (; n + 2 <= n_end; n += 2) {
-    dequant(p, n, rows[0]);
-    dequant(p, n + 1, rows[1]);
-    dot_rows<2>(p, rows, n, chunks);
-  }
-  if (n < n_end) {
-    dequant(p, n, rows[0]);
-    dot_rows<1>(p, rows, n, chunks);
-  }
-}
-
-bool use_gemv(const LowBitProblem& p) { return p.m == 1 && p.group_size % kLanes == 0; }
+namespace {
 
 std::size_t workspace_bytes(const LowBitProblem& p) {
-  if (p.accuracy_level == 4) return int8_workspace_bytes(p);
-  if (!use_gemv(p)) return 0;
-  switch (p.bits) {
-    case 2: return gemv_workspace<2>(p);
-    case 3: return gemv_workspace<3>(p);
-    case 4: return gemv_workspace<4>(p);
-    case 8: return gemv_workspace<8>(p);
-    default: return 0;
-  }
+  return p.accuracy_level == 4 ? int8_workspace_bytes(p) : fp32_workspace(p);
 }
 
 void prepare(LowBitProblem& p, std::uint8_t* workspace) {
   if (p.accuracy_level == 4) {
-    int8_prepare(p, workspace);
-    return;
-  }
-  if (!use_gemv(p)) return;
-  switch (p.bits) {
-    case 2: gemv_prepare<2>(p, workspace); break;
-    case 3: gemv_prepare<3>(p, workspace); break;
-    case 4: gemv_prepare<4>(p, workspace); break;
-    case 8: gemv_prepare<8>(p, workspace); break;
-    default: break;
+    int8_prepare_avx2(p, workspace);
+  } else {
+    fp32_prepare(p, workspace);
   }
 }
 
-void matmul_rows(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end) {
-  if (p.accuracy_level == 4) {
-    int8_rows_avx2(p, n_begin, n_end);
-    return;
+void tiles_avx2(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end) {
+  if (p.accuracy_level != 4) {
+    fp32_tiles(p, t_begin, t_end);
+  } else if (int8_simd_shape(p) && p.bits != 8) {
+    int8_tiles_avx2(p, t_begin, t_end);
+  } else {
+    int8_tiles_generic(p, t_begin, t_end);
   }
-  if (use_gemv(p) && p.prepared) {
-    switch (p.bits) {
-      case 2: gemv_rows<2>(p, n_begin, n_end); return;
-      case 3: gemv_rows<3>(p, n_begin, n_end); return;
-      case 4: gemv_rows<4>(p, n_begin, n_end); return;
-      case 8: gemv_rows<8>(p, n_begin, n_end); return;
-      default: break;
-    }
-  }
-  gemm_rows(p, n_begin, n_end);
 }
 
 }  // namespace
 
 const KernelSet& avx2_kernels() {
-  static const KernelSet kernels{"avx2", &workspace_bytes, &prepare, &matmul_rows};
+  static const KernelSet kernels{"avx2", &workspace_bytes, &prepare, &tiles_avx2};
   return kernels;
 }
 
 #if defined(GRAPHOPT_EXT_HAVE_AVX512VNNI)
 namespace {
-void matmul_rows_vnni(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end) {
-  if (p.accuracy_level == 4 && p.bits == 4 && p.group_size % 64 == 0) {
-    int8_rows_vnni(p, n_begin, n_end);
+void tiles_vnni(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end) {
+  if (p.accuracy_level == 4 && int8_simd_shape(p)) {
+    int8_tiles_vnni(p, t_begin, t_end);
     return;
   }
-  matmul_rows(p, n_begin, n_end);
+  tiles_avx2(p, t_begin, t_end);
 }
 }  // namespace
 
 const KernelSet& avx2_vnni_kernels() {
-  static const KernelSet kernels{"avx2+avx512vnni", &workspace_bytes, &prepare, &matmul_rows_vnni};
+  static const KernelSet kernels{"avx2+avx512vnni", &workspace_bytes, &prepare, &tiles_vnni};
   return kernels;
 }
 #endif

@@ -1,70 +1,67 @@
-// Portable kernels and runtime ISA selection for graphopt.MatMulLowBit.
+// Portable kernels, the int8 activation preparation and runtime ISA selection for
+// graphopt.MatMulLowBit.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 #include "kernels.h"
 
 namespace graphopt_ext {
+
+std::uint32_t code_at(const LowBitProblem& p, std::size_t t, std::size_t j, std::size_t k) {
+  const std::size_t per_word = codes_per_word(p.bits);
+  std::uint32_t word = 0;
+  std::memcpy(&word, p.tile(t) + (k / per_word) * kColumnBytes + j * 4, sizeof(word));  // little-endian host
+  return (word >> ((k % per_word) * static_cast<std::size_t>(p.bits))) & ((1u << p.bits) - 1u);
+}
+
 namespace {
 
-// Code k of a packed row.
-inline std::uint32_t code_at(const std::uint8_t* row, int bits, std::size_t k) {
-  const std::size_t per_word = codes_per_word(bits);
-  const std::size_t per_block = codes_per_block(bits);
-  const std::size_t block = k / per_block;
-  const std::size_t in_block = k % per_block;
-  const std::size_t field = in_block / kWordsPerBlock;
-  const std::size_t word = in_block % kWordsPerBlock;
-  (void)per_word;
-  std::uint32_t value = 0;
-  std::memcpy(&value, row + block * kBlockBytes + word * 4, sizeof(value));  // little-endian host
-  return (value >> (field * static_cast<std::size_t>(bits))) & ((1u << bits) - 1u);
-}
+std::size_t min_size(std::size_t a, std::size_t b) { return a < b ? a : b; }
+
+std::size_t round_up(std::size_t value, std::size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 std::size_t scalar_workspace(const LowBitProblem& p) {
   return p.accuracy_level == 4 ? int8_workspace_bytes(p) : 0;
 }
 
-}  // namespace
-
-static void scalar_prepare(LowBitProblem& p, std::uint8_t* workspace) {
+void scalar_prepare(LowBitProblem& p, std::uint8_t* workspace) {
   if (p.accuracy_level == 4) int8_prepare(p, workspace);
 }
 
-static void matmul_rows_scalar(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end) {
-  if (p.accuracy_level == 4) {
-    int8_rows_generic(p, n_begin, n_end);
-    return;
-  }
-  const std::uint32_t implicit_zp = 1u << (p.bits - 1);
-  for (std::size_t n = n_begin; n < n_end; ++n) {
-    const std::uint8_t* row = p.packed + n * p.row_bytes;
-    const float* scales = p.scales + n * p.groups;
-    const std::uint8_t* zps = p.zero_points ? p.zero_points + n * p.groups : nullptr;
-    for (std::size_t m = 0; m < p.m; ++m) {
-      const float* a = p.a + m * p.padded_k;
-      float total = 0.0f;
-      for (std::size_t g = 0; g < p.groups; ++g) {
-        const std::size_t k0 = g * p.group_size;
-        const std::size_t k1 = (k0 + p.group_size < p.k) ? k0 + p.group_size : p.k;
-        const float zp = static_cast<float>(zps ? zps[g] : implicit_zp);
-        float acc = 0.0f;
-        for (std::size_t k = k0; k < k1; ++k) {
-          acc += (static_cast<float>(code_at(row, p.bits, k)) - zp) * a[k];
+// fp32 activations: Y[m, n] = sum_g scale * sum_k (code - zp) * a[k], in that order.
+void fp32_tiles_scalar(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end) {
+  for (std::size_t t = t_begin; t < t_end; ++t) {
+    const float* scales = p.tile_scales(t);
+    for (std::size_t j = 0; j < kTileChannels; ++j) {
+      const std::size_t n = t * kTileChannels + j;
+      if (n >= p.n) break;
+      for (std::size_t m = 0; m < p.m; ++m) {
+        const float* a = p.a + m * p.k;
+        float total = 0.0f;
+        for (std::size_t g = 0; g < p.groups; ++g) {
+          const std::size_t k0 = g * p.group_size;
+          const std::size_t k1 = min_size(k0 + p.group_size, p.k);
+          const auto zp = static_cast<float>(zero_point_at(p, t, j, g));
+          float acc = 0.0f;
+          for (std::size_t k = k0; k < k1; ++k) acc += (static_cast<float>(code_at(p, t, j, k)) - zp) * a[k];
+          total += acc * scales[g * kTileChannels + j];
         }
-        total += acc * scales[g];
+        if (p.bias) total += p.bias[n];
+        p.y[m * p.n + n] = total;
       }
-      if (p.bias) total += p.bias[n];
-      p.y[m * p.n + n] = total;
     }
   }
 }
 
-// ---------------------------------------------------------------- int8 activations
+void tiles_scalar(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end) {
+  if (p.accuracy_level == 4) {
+    int8_tiles_generic(p, t_begin, t_end);
+  } else {
+    fp32_tiles_scalar(p, t_begin, t_end);
+  }
+}
 
-namespace {
 // Round to nearest, ties to even, for |x| <= 2^22 (here |x| <= 127): adding and removing
 // 1.5 * 2^23 leaves no fraction bits (default rounding mode; no -ffast-math). Inline and
 // exact, unlike a libm nearbyint call on baseline x86-64.
@@ -73,34 +70,40 @@ inline float round_to_even(float x) {
   return (x + kMagic) - kMagic;
 }
 
-std::size_t round_up(std::size_t value, std::size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 }  // namespace
 
-std::size_t int8_workspace_bytes(const LowBitProblem& p) {
-  return p.m * round_up(2 * p.padded_k + p.groups * (sizeof(float) + sizeof(std::int32_t)), 64);
+std::size_t int8_row_stride(const LowBitProblem& p) {
+  return round_up(2 * p.padded_k() + p.groups * (sizeof(float) + sizeof(std::int32_t)), 64);
 }
 
+// ---------------------------------------------------------------- int8 activations
+
+std::size_t int8_workspace_bytes(const LowBitProblem& p) { return p.m * int8_row_stride(p); }
+
 Int8Row int8_row(const LowBitProblem& p, std::size_t m) {
-  const std::uint8_t* base = p.int8_prepared + m * p.int8_stride;
-  const auto* scales = reinterpret_cast<const float*>(base + 2 * p.padded_k);
-  return {reinterpret_cast<const std::int8_t*>(base), reinterpret_cast<const std::int8_t*>(base + p.padded_k),
+  const std::uint8_t* base = p.prepared + m * p.prepared_stride;
+  const std::size_t padded_k = p.padded_k();
+  const auto* scales = reinterpret_cast<const float*>(base + 2 * padded_k);
+  return {reinterpret_cast<const std::int8_t*>(base), reinterpret_cast<const std::int8_t*>(base + padded_k),
           scales, reinterpret_cast<const std::int32_t*>(scales + p.groups)};
 }
 
 void int8_prepare(LowBitProblem& p, std::uint8_t* workspace) {
-  p.int8_stride = round_up(2 * p.padded_k + p.groups * (sizeof(float) + sizeof(std::int32_t)), 64);
-  p.int8_prepared = workspace;
+  const std::size_t padded_k = p.padded_k();
+  const std::size_t per_word = codes_per_word(p.bits);
+  p.prepared_stride = int8_row_stride(p);
+  p.prepared = workspace;
   for (std::size_t m = 0; m < p.m; ++m) {
-    std::uint8_t* base = workspace + m * p.int8_stride;
+    std::uint8_t* base = workspace + m * p.prepared_stride;
     auto* natural = reinterpret_cast<std::int8_t*>(base);
-    auto* blocked = reinterpret_cast<std::int8_t*>(base + p.padded_k);
-    auto* scales = reinterpret_cast<float*>(base + 2 * p.padded_k);
+    auto* lanes = reinterpret_cast<std::int8_t*>(base + padded_k);
+    auto* scales = reinterpret_cast<float*>(base + 2 * padded_k);
     auto* sums = reinterpret_cast<std::int32_t*>(scales + p.groups);
-    const float* a = p.a + m * p.padded_k;
-    std::memset(natural, 0, p.padded_k);
+    const float* a = p.a + m * p.k;
+    std::memset(natural, 0, padded_k);
     for (std::size_t g = 0; g < p.groups; ++g) {
       const std::size_t k0 = g * p.group_size;
-      const std::size_t k1 = (k0 + p.group_size < p.k) ? k0 + p.group_size : p.k;
+      const std::size_t k1 = min_size(k0 + p.group_size, p.k);
       float amax = 0.0f;
       bool finite = true;
       for (std::size_t k = k0; k < k1; ++k) {
@@ -120,52 +123,52 @@ void int8_prepare(LowBitProblem& p, std::uint8_t* workspace) {
       scales[g] = finite ? amax / 127.0f : std::nanf("");
       sums[g] = sum;
     }
-    if (p.bits == 4) {
-      for (std::size_t block = 0; block < p.padded_k / 64; ++block) {
-        const std::int8_t* src = natural + block * 64;
-        std::int8_t* dst = blocked + block * 64;
-        for (std::size_t w = 0; w < 8; ++w) {
-          for (std::size_t b = 0; b < 4; ++b) {
-            dst[4 * w + b] = src[16 * b + w];
-            dst[32 + 4 * w + b] = src[16 * b + 8 + w];
-          }
+    if (p.bits == 2 || p.bits == 4 || p.bits == 8) {
+      const std::size_t passes = static_cast<std::size_t>(8 / p.bits);
+      for (std::size_t c = 0; c < p.columns; ++c) {
+        const std::int8_t* src = natural + c * per_word;
+        std::int8_t* dst = lanes + c * per_word;
+        for (std::size_t pass = 0; pass < passes; ++pass) {
+          for (std::size_t i = 0; i < 4; ++i) dst[4 * pass + i] = src[passes * i + pass];
         }
       }
     } else {
-      std::memset(blocked, 0, p.padded_k);
+      std::memset(lanes, 0, padded_k);
     }
   }
 }
 
-void int8_rows_generic(const LowBitProblem& p, std::size_t n_begin, std::size_t n_end) {
-  const std::int32_t implicit_zp = 1 << (p.bits - 1);
-  for (std::size_t n = n_begin; n < n_end; ++n) {
-    const std::uint8_t* row = p.packed + n * p.row_bytes;
-    const float* scales = p.scales + n * p.groups;
-    const std::uint8_t* zps = p.zero_points ? p.zero_points + n * p.groups : nullptr;
-    for (std::size_t m = 0; m < p.m; ++m) {
-      const Int8Row act = int8_row(p, m);
-      float total = 0.0f;
-      for (std::size_t g = 0; g < p.groups; ++g) {
-        const std::size_t k0 = g * p.group_size;
-        const std::size_t k1 = (k0 + p.group_size < p.k) ? k0 + p.group_size : p.k;
-        std::int64_t dot = 0;
-        for (std::size_t k = k0; k < k1; ++k) {
-          dot += static_cast<std::int64_t>(code_at(row, p.bits, k)) * act.natural[k];
+void int8_tiles_generic(const LowBitProblem& p, std::size_t t_begin, std::size_t t_end) {
+  for (std::size_t t = t_begin; t < t_end; ++t) {
+    const float* scales = p.tile_scales(t);
+    for (std::size_t j = 0; j < kTileChannels; ++j) {
+      const std::size_t n = t * kTileChannels + j;
+      if (n >= p.n) break;
+      for (std::size_t m = 0; m < p.m; ++m) {
+        const Int8Row act = int8_row(p, m);
+        float total = 0.0f;
+        for (std::size_t g = 0; g < p.groups; ++g) {
+          const std::size_t k0 = g * p.group_size;
+          const std::size_t k1 = min_size(k0 + p.group_size, p.k);
+          std::int64_t dot = 0;
+          for (std::size_t k = k0; k < k1; ++k) dot += static_cast<std::int64_t>(code_at(p, t, j, k)) * act.natural[k];
+          dot -= static_cast<std::int64_t>(zero_point_at(p, t, j, g)) * act.sums[g];
+          const float scale = scales[g * kTileChannels + j] * act.scales[g];
+          total = total + static_cast<float>(dot) * scale;
         }
-        dot -= static_cast<std::int64_t>(zps ? zps[g] : implicit_zp) * act.sums[g];
-        total += static_cast<float>(dot) * (scales[g] * act.scales[g]);
+        if (p.bias) total += p.bias[n];
+        p.y[m * p.n + n] = total;
       }
-      if (p.bias) total += p.bias[n];
-      p.y[m * p.n + n] = total;
     }
   }
 }
 
-float* thread_scratch(std::size_t count) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
+bool int8_simd_shape(const LowBitProblem& p) {
+  // Group sums in int32, the VNNI kernel's top pass scaled by up to 2^(8 - bits):
+  // |sum| <= group_size * 255 * 127 * 2.
+  const double bound = static_cast<double>(p.group_size) * 255.0 * 127.0 * 2.0;
+  return (p.bits == 2 || p.bits == 4 || p.bits == 8) && p.group_size % codes_per_word(p.bits) == 0 &&
+         bound < 2147483647.0;
 }
 
 bool cpu_has_avx2_fma() {
@@ -178,7 +181,7 @@ bool cpu_has_avx2_fma() {
 }
 
 const KernelSet& scalar_kernels() {
-  static const KernelSet kernels{"scalar", &scalar_workspace, &scalar_prepare, &matmul_rows_scalar};
+  static const KernelSet kernels{"scalar", &scalar_workspace, &scalar_prepare, &tiles_scalar};
   return kernels;
 }
 

@@ -54,9 +54,15 @@ std::string check_attributes(const Attributes& a) {
 
 std::int64_t num_groups(const Attributes& a) { return (a.k + a.group_size - 1) / a.group_size; }
 
-std::int64_t row_bytes(const Attributes& a) {
-  const auto per_block = static_cast<std::int64_t>(codes_per_block(static_cast<int>(a.bits)));
-  return (a.k + per_block - 1) / per_block * static_cast<std::int64_t>(kBlockBytes);
+std::int64_t num_tiles(const Attributes& a) {
+  const auto per_tile = static_cast<std::int64_t>(kTileChannels);
+  return (a.n + per_tile - 1) / per_tile;
+}
+
+// Bytes of one packed tile: ceil(K / F) word columns of 32 bytes.
+std::int64_t tile_bytes(const Attributes& a) {
+  const auto per_word = static_cast<std::int64_t>(codes_per_word(static_cast<int>(a.bits)));
+  return (a.k + per_word - 1) / per_word * static_cast<std::int64_t>(kColumnBytes);
 }
 
 struct Kernel {
@@ -194,17 +200,19 @@ OrtStatus* expect_shape(const std::string& where, const char* input, const Tenso
 OrtStatus* check_weights(const std::string& where, const Attributes& at, const TensorInfo* infos,
                          const bool* present) {
   const std::int64_t groups = num_groups(at);
+  const std::int64_t tiles = num_tiles(at);
+  const auto lanes = static_cast<std::int64_t>(kTileChannels);
   if (present[kPacked]) {
     GRAPHOPT_RETURN_IF_ERROR(expect_shape(where, "B_packed", infos[kPacked], ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-                                          "uint8", {at.n, row_bytes(at)}));
+                                          "uint8", {tiles, tile_bytes(at)}));
   }
   if (present[kScales]) {
     GRAPHOPT_RETURN_IF_ERROR(expect_shape(where, "scales", infos[kScales], ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-                                          "float32", {at.n, groups}));
+                                          "float32", {tiles, groups, lanes}));
   }
   if (present[kZeroPoints]) {
     GRAPHOPT_RETURN_IF_ERROR(expect_shape(where, "zero_points", infos[kZeroPoints],
-                                          ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "uint8", {at.n, groups}));
+                                          ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "uint8", {tiles, groups, lanes}));
   }
   if (present[kBias]) {
     GRAPHOPT_RETURN_IF_ERROR(
@@ -291,15 +299,15 @@ OrtStatus* input_info(OrtKernelContext* ctx, size_t index, const OrtValue** valu
 
 struct ParallelJob {
   const LowBitProblem* problem;
-  RowRangeKernel run;
-  size_t rows_per_task;
+  TileRangeKernel run;
+  size_t tiles_per_task;
   std::atomic<bool> failed{false};
 };
 
 void ORT_API_CALL run_task(void* data, size_t task) {
   auto* job = static_cast<ParallelJob*>(data);
-  const size_t begin = task * job->rows_per_task;
-  const size_t end = std::min(job->problem->n, begin + job->rows_per_task);
+  const size_t begin = task * job->tiles_per_task;
+  const size_t end = std::min(job->problem->tiles, begin + job->tiles_per_task);
   try {
     if (begin < end) job->run(*job->problem, begin, end);
   } catch (...) {  // bad_alloc from a scratch buffer; nothing else throws
@@ -354,32 +362,18 @@ OrtStatusPtr compute(const Kernel& kernel, OrtKernelContext* ctx) {
   p.group_size = static_cast<size_t>(std::min(at.group_size, at.k));
   p.groups = static_cast<size_t>(groups);
   p.accuracy_level = static_cast<int>(at.accuracy_level);
-  const size_t per_block = codes_per_block(p.bits);
-  p.padded_k = (p.k + per_block - 1) / per_block * per_block;
-  p.row_bytes = static_cast<size_t>(row_bytes(at));
+  const size_t per_word = codes_per_word(p.bits);
+  p.columns = (p.k + per_word - 1) / per_word;
+  p.tiles = static_cast<size_t>(num_tiles(at));
   p.packed = static_cast<const std::uint8_t*>(data(values[kPacked]));
   p.scales = static_cast<const float*>(data(values[kScales]));
   p.zero_points = values[kZeroPoints] ? static_cast<const std::uint8_t*>(data(values[kZeroPoints])) : nullptr;
   p.bias = values[kBias] ? static_cast<const float*>(data(values[kBias])) : nullptr;
   p.y = static_cast<float*>(y);
-  const auto* a = static_cast<const float*>(data(values[kA]));
-  if (!a || !p.packed || !p.scales || !p.y || (values[kZeroPoints] && !p.zero_points) ||
+  p.a = static_cast<const float*>(data(values[kA]));
+  if (!p.a || !p.packed || !p.scales || !p.y || (values[kZeroPoints] && !p.zero_points) ||
       (values[kBias] && !p.bias)) {
     return make_error(ORT_FAIL, where + ": cannot access tensor data");
-  }
-
-  // Kernels read A in whole blocks: copy it zero-padded unless K already fills them.
-  thread_local std::vector<float> padded;
-  if (p.padded_k == p.k) {
-    p.a = a;
-  } else {
-    try {
-      padded.assign(m * p.padded_k, 0.0f);
-    } catch (...) {
-      return make_error(ORT_FAIL, where + ": out of memory for the padded activations");
-    }
-    for (size_t r = 0; r < m; ++r) std::memcpy(padded.data() + r * p.padded_k, a + r * p.k, p.k * sizeof(float));
-    p.a = padded.data();
   }
 
   thread_local std::vector<std::uint8_t> workspace;  // operator new: aligned for floats
@@ -391,16 +385,13 @@ OrtStatusPtr compute(const Kernel& kernel, OrtKernelContext* ctx) {
   kernel.kernels->prepare(p, workspace.data());
 
   // Small products run on the calling thread: waking a pool thread costs more than it
-  // saves there (and much more when the machine is busy). Otherwise tasks of whole 4-row
-  // tiles, about 64 of them for large N.
+  // saves there (and much more when the machine is busy). Otherwise contiguous runs of
+  // whole tiles, about 16 tasks, so each thread streams long stretches of B_packed.
   const double macs = static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
-  size_t rows_per_task = p.n;
-  if (macs >= kernel.min_parallel_macs) {
-    rows_per_task = std::max<size_t>(4, (p.n + 63) / 64);
-    rows_per_task = (rows_per_task + 3) / 4 * 4;
-  }
-  const size_t tasks = (p.n + rows_per_task - 1) / rows_per_task;
-  ParallelJob job{&p, kernel.kernels->rows, rows_per_task};
+  size_t tiles_per_task = p.tiles;
+  if (macs >= kernel.min_parallel_macs) tiles_per_task = std::max<size_t>(4, (p.tiles + 15) / 16);
+  const size_t tasks = (p.tiles + tiles_per_task - 1) / tiles_per_task;
+  ParallelJob job{&p, kernel.kernels->tiles, tiles_per_task};
   if (tasks == 1) {
     run_task(&job, 0);
   } else {

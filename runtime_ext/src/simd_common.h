@@ -26,23 +26,19 @@ inline __m256i load_block(const std::uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-inline std::int32_t hsum_i32(__m256i v) {
-  __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
-  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xB1));
-  return _mm_cvtsi128_si32(x);
-}
-
-// Horizontal sums of NR int32 vectors (exact): three VPHADDDs and one add for four rows.
-template <int NR>
-void hsum_rows(const __m256i* acc, std::int32_t* out) {
-  if constexpr (NR == 4) {
-    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
-    const __m128i x = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), x);
-  } else {
-    for (int r = 0; r < NR; ++r) out[r] = hsum_i32(acc[r]);
+// Stores half h (channels 16 t + 8 h .. + 7) of row m of Y, bias added, only channels < N.
+inline void store_half_row(const LowBitProblem& p, std::size_t t, std::size_t h, std::size_t m, __m256 y) {
+  const std::size_t n0 = t * kTileChannels + h * kHalfChannels;
+  if (n0 >= p.n) return;
+  float* out = p.y + m * p.n + n0;
+  if (n0 + kHalfChannels <= p.n) {
+    if (p.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(p.bias + n0));
+    _mm256_storeu_ps(out, y);
+    return;
   }
+  alignas(32) float lanes[kHalfChannels];
+  _mm256_store_ps(lanes, y);
+  for (std::size_t j = 0; n0 + j < p.n; ++j) out[j] = p.bias ? lanes[j] + p.bias[n0 + j] : lanes[j];
 }
 
 }  // namespace

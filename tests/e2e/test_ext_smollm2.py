@@ -5,13 +5,16 @@
 library automatically) with fp32 activations and, by setting the node attribute, with
 ``accuracy_level=4`` (int8 activations per group); ``MatMulNBits`` with ``accuracy_level``
 0 (fp32 compute, the same arithmetic as ext level 0) and 4 (int8 activations, the ORT
-lowering's default). Checked on the first two evaluation windows (2 x 255 predicted
-tokens):
+lowering's default). Checked on the first evaluation window (255 predicted tokens):
 
 * the ext model has 211 ``MatMulLowBit`` nodes (210 projections and the tied head);
 * perplexity: ext level 0 equals MatMulNBits level 0 to 1e-4 (same codes, fp32 both); ext
-  level 4 is within 1% of MatMulNBits level 4 (both round activations to int8 per block of
-  128, rounding details differ) and within 3% of the fp32-activation ones;
+  level 4 is within 3% of the fp32-activation ones;
+* int8 activations: ext level 4's logits are at least as close to the exact (level 0)
+  logits as MatMulNBits level 4's, within 0.5 dB of SQNR (both round activations to int8
+  per block of 128; the rounding details differ, so their perplexities on one window
+  differ by up to ~2% either way, while over 8 windows they agree to 0.3%:
+  55.03 vs 54.89, logit SQNR 29.9 vs 29.8 dB);
 * decode latency (kv-cache model, 8 greedy steps after a 16-token prompt) of ext level 0
   and 4 and of MatMulNBits level 4 (the ORT lowering's default) is measured and the ratios
   recorded as properties (not asserted: the machine is shared; see docs/bench/kernels.md).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -38,9 +42,8 @@ from models import smollm2
 
 pytestmark = pytest.mark.slow
 
-WINDOWS = 1
 SAME_ARITHMETIC = 1e-4
-INT8_AGREE = 0.01
+INT8_SQNR_SLACK_DB = 0.5
 LEVELS_AGREE = 0.03
 PASSES = "wq(bits=4,group=128,sym=true)"
 
@@ -91,16 +94,28 @@ def lowered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pat
     return out
 
 
+def _window_logits(path: Path, custom: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [255, vocab] predicting tokens 1..255 of the first window, those tokens)."""
+    ids = smollm2.evaluation_tokens()[: smollm2.DEFAULT_WINDOW][None, :]
+    session = smollm2.make_session(path, threads=2, custom_op_libraries=[ext.library_path()] if custom else ())
+    (logits,) = session.run([smollm2.LOGITS], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return logits[0, :-1], ids[0, 1:]
+
+
+def _sqnr_db(approx: np.ndarray, exact: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(exact.astype(np.float64) ** 2) / np.sum((approx - exact).astype(np.float64) ** 2)))
+
+
 def test_perplexity_matches_matmulnbits(lowered: dict[str, dict[str, Path]], record_property) -> None:
-    paths = lowered["no-cache"]
-    ppl = {
-        name: smollm2.perplexity(path, threads=2, max_windows=WINDOWS,
-                                 custom_op_libraries=[ext.library_path()] if name.startswith("ext") else ())
-        for name, path in paths.items()
-    }
+    logits, ppl = {}, {}
+    for name, path in lowered["no-cache"].items():
+        logits[name], targets = _window_logits(path, name.startswith("ext"))
+        ppl[name] = float(np.exp(smollm2.token_nll(logits[name], targets).mean()))
+    sqnr = {"ext4": _sqnr_db(logits["ext4"], logits["ext"]), "nbits4": _sqnr_db(logits["nbits4"], logits["nbits0"])}
     record_property("perplexity", {k: round(v, 4) for k, v in ppl.items()})
+    record_property("int8_logit_sqnr_db", {k: round(v, 2) for k, v in sqnr.items()})
     assert abs(ppl["ext"] / ppl["nbits0"] - 1) <= SAME_ARITHMETIC, ppl
-    assert abs(ppl["ext4"] / ppl["nbits4"] - 1) <= INT8_AGREE, ppl
+    assert sqnr["ext4"] >= sqnr["nbits4"] - INT8_SQNR_SLACK_DB, sqnr
     assert abs(ppl["ext4"] / ppl["ext"] - 1) <= LEVELS_AGREE, ppl
 
 

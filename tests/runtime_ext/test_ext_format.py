@@ -11,12 +11,16 @@ from graphopt.backends.ext.format import (
     DOMAIN,
     OP_TYPE,
     ExtWeights,
-    codes_per_block,
+    TILE_CHANNELS,
+    codes_per_word,
     from_ext,
-    pack_rows,
-    packed_row_bytes,
+    from_tiles,
+    num_tiles,
+    pack_tiles,
+    packed_tile_bytes,
     to_ext,
-    unpack_rows,
+    to_tiles,
+    unpack_tiles,
 )
 from graphopt.quant.groupwise import GroupQuantized, num_groups
 
@@ -24,7 +28,7 @@ from graphopt.quant.groupwise import GroupQuantized, num_groups
 @st.composite
 def group_quantized(draw: st.DrawFn) -> GroupQuantized:
     bits = draw(st.sampled_from([2, 3, 4, 8]))
-    n = draw(st.integers(1, 9))
+    n = draw(st.integers(1, 20))
     k = draw(st.integers(1, 300))
     group_size = draw(st.integers(1, k))
     seed = draw(st.integers(0, 2**32 - 1))
@@ -41,7 +45,8 @@ def group_quantized(draw: st.DrawFn) -> GroupQuantized:
 def test_round_trip_is_exact(q: GroupQuantized) -> None:
     ext = to_ext(q)
     assert ext.packed.dtype == np.uint8
-    assert ext.packed.shape == (q.n, packed_row_bytes(q.k, q.bits))
+    assert ext.packed.shape == (num_tiles(q.n), packed_tile_bytes(q.k, q.bits))
+    assert ext.scales.shape == (num_tiles(q.n), q.groups, TILE_CHANNELS)
     assert ext.attributes == {"K": q.k, "N": q.n, "bits": q.bits, "group_size": q.group_size}
     back = from_ext(ext)
     np.testing.assert_array_equal(back.codes, q.codes)
@@ -55,37 +60,45 @@ def test_round_trip_is_exact(q: GroupQuantized) -> None:
 
 
 def test_constants() -> None:
-    assert (DOMAIN, OP_TYPE) == ("graphopt", "MatMulLowBit")
-    assert [codes_per_block(b) for b in (2, 3, 4, 8)] == [128, 80, 64, 32]
+    assert (DOMAIN, OP_TYPE, TILE_CHANNELS) == ("graphopt", "MatMulLowBit", 16)
+    assert [codes_per_word(b) for b in (2, 3, 4, 8)] == [16, 10, 8, 4]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_layout_matches_the_documented_formula(bits: int) -> None:
-    """Code k = block * C + f * 8 + w sits in word w of its block at bits [f*bits, ...)."""
+    """Code k of channel n sits in tile n // 16, column k // F, word n % 16, bits (k % F) * bits."""
     rng = np.random.default_rng(bits)
-    k = 2 * codes_per_block(bits) + 5
-    codes = rng.integers(0, 1 << bits, size=(3, k), dtype=np.uint8)
-    words = pack_rows(codes, bits).view("<u4").reshape(3, -1, 8)
-    per_block = codes_per_block(bits)
-    for row in range(3):
+    per_word = codes_per_word(bits)
+    n, k = 21, 2 * per_word + 5
+    codes = rng.integers(0, 1 << bits, size=(n, k), dtype=np.uint8)
+    words = pack_tiles(codes, bits).view("<u4").reshape(num_tiles(n), -1, TILE_CHANNELS)
+    for channel in range(n):
         for index in range(k):
-            block, rest = divmod(index, per_block)
-            field, word = divmod(rest, 8)
-            value = (int(words[row, block, word]) >> (field * bits)) & ((1 << bits) - 1)
-            assert value == codes[row, index]
-    # Padding codes and (3-bit) unused word bits are zero.
-    full = unpack_rows(pack_rows(codes, bits), bits, words.shape[1] * per_block)
+            word = int(words[channel // 16, index // per_word, channel % 16])
+            assert (word >> ((index % per_word) * bits)) & ((1 << bits) - 1) == codes[channel, index]
+    # Padding codes, padding channels and (3-bit) unused word bits are zero.
+    full = unpack_tiles(pack_tiles(codes, bits), bits, words.shape[1] * per_word, num_tiles(n) * 16)
     assert not full[:, k:].any()
+    assert not full[n:].any()
     if bits == 3:
         assert not (words >> 30).any()
 
 
-def test_int4_block_example() -> None:
-    """Codes 0..63 mod 16: word w holds codes w, w+8, ..., w+56 as nibbles, lowest first."""
-    packed = pack_rows((np.arange(64) % 16).astype(np.uint8)[None, :], 4)
-    words = packed.view("<u4")[0]
-    assert words[0] == 0x80808080
-    assert words[1] == 0x91919191
+def test_int4_tile_example() -> None:
+    """Channel j's codes 0..7 are the nibbles of word j of column 0, lowest first."""
+    codes = (np.arange(8)[None, :] + np.arange(3)[:, None]).astype(np.uint8)  # channel j: j .. j+7
+    words = pack_tiles(codes, 4).view("<u4")[0]
+    assert [hex(w) for w in words[:3]] == ["0x76543210", "0x87654321", "0x98765432"]
+    assert not words[3:].any()
+
+
+def test_scales_are_tile_major() -> None:
+    values = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
+    tiled = to_tiles(values)
+    assert tiled.shape == (2, 3, 16)
+    assert tiled[1, 2, 3] == values[19, 2]
+    assert not tiled[1, :, 4:].any()
+    np.testing.assert_array_equal(from_tiles(tiled, 20), values)
 
 
 def test_bad_inputs_are_rejected() -> None:
@@ -97,7 +110,9 @@ def test_bad_inputs_are_rejected() -> None:
         from_ext(ExtWeights(ext.packed, ext.scales, None, {"K": 10, "N": 2, "bits": 4}))
     with pytest.raises(ValueError, match="scales must be"):
         from_ext(ExtWeights(ext.packed, np.ones((2, 2), np.float32), None, ext.attributes))
+    with pytest.raises(ValueError, match="zero_points must be"):
+        from_ext(ExtWeights(ext.packed, ext.scales, np.zeros((2, 1), np.uint8), ext.attributes))
     with pytest.raises(ValueError, match="a code exceeds 3"):
-        pack_rows(np.full((1, 4), 4, np.uint8), 2)
+        pack_tiles(np.full((1, 4), 4, np.uint8), 2)
     with pytest.raises(ValueError, match="supports bits"):
-        pack_rows(np.zeros((1, 4), np.uint8), 5)
+        pack_tiles(np.zeros((1, 4), np.uint8), 5)

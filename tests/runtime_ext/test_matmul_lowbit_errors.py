@@ -66,9 +66,9 @@ def test_scalar_a_fails(ext: object) -> None:
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("packed", r"input B_packed must be uint8\[6, 32\], got shape \[6, 64\]"),
-        ("scales", r"input scales must be float32\[6, 3\], got shape \[6, 2\]"),
-        ("zero_points", r"input zero_points must be uint8\[6, 3\], got shape \[3, 6\]"),
+        ("packed", r"input B_packed must be uint8\[1, 320\], got shape \[6, 64\]"),
+        ("scales", r"input scales must be float32\[1, 3, 16\], got shape \[6, 2\]"),
+        ("zero_points", r"input zero_points must be uint8\[1, 3, 16\], got shape \[3, 6\]"),
         ("bias", r"input bias must be float32\[6\], got shape \[7\]"),
     ],
 )
@@ -93,11 +93,11 @@ def test_bad_weight_shape_from_a_graph_input_fails_at_run(ext: object) -> None:
     model.graph.initializer.remove(scales)
     model.graph.input.append(onnx.helper.make_tensor_value_info("S", onnx.TensorProto.FLOAT, None))
     session = ext_session(model.SerializeToString())
-    with pytest.raises(Exception, match=r"input scales must be float32\[6, 3\], got shape \[6, 2\]"):
+    with pytest.raises(Exception, match=r"input scales must be float32\[1, 3, 16\], got shape \[6, 2\]"):
         session.run(None, {"A": np.zeros((1, K), np.float32), "S": np.ones((N, 2), np.float32)})
 
 
 def test_wrong_weight_dtype_fails(ext: object) -> None:
-    scales = np.ones((N, 3), np.float32)
+    scales = np.ones((1, 3, 16), np.float32)
     with pytest.raises(Exception):  # noqa: B017 - ORT's own type check, message varies
         ext_session(lowbit_model(ext, ["M", K], scales=scales.astype(np.float64)))  # type: ignore[arg-type]
