@@ -15,9 +15,12 @@ exceed the last-level cache twelve times over, and time per node is reported ("c
 Models whose R nodes share one weight ("hot", cache-resident after the first node) show
 the kernels' compute speed; both divide one ``run`` by R, so per-run overhead is spread
 thin. Effective GB/s counts the bytes each operator must read (packed codes + scales; fp32
-weights for MatMul); the roofline is the machine's streaming read bandwidth measured here:
-``graphopt_read_bandwidth`` (built with runtime_ext: 256-bit loads over 1 GiB with the
-benchmark's thread count), or ONNX Runtime ``ReduceSum`` over 512 MiB if that reads faster.
+weights for MatMul); the roofline is the machine's streaming read bandwidth measured in the
+same rounds as the kernels, because on a shared host it moves with the neighbours' load:
+the faster of ``graphopt_read_bandwidth`` (built with runtime_ext: 256-bit loads over
+256 MiB with the benchmark's thread count, once per round of the shape) and the fp32
+``MatMul``'s own cold streaming rate. The probe over 1 GiB and ONNX Runtime ``ReduceSum``
+before the run are reported too.
 
 With ``--smollm2`` it also lowers SmolLM2-135M (kv-cache) with
 ``wq(bits=4,group=128,sym=true)`` to MatMulLowBit (levels 0 and 4) and MatMulNBits (levels
@@ -101,11 +104,23 @@ def _options(threads: int, custom: bool) -> ort.SessionOptions:
 
 
 def _model(k: int, n: int, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> bytes:
-    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, n]) for node in nodes for o in node.output]
+    outputs = [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, n])
+        for node in nodes
+        for o in node.output
+    ]
     graph = helper.make_graph(
-        nodes, "gemv", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])], outputs, inits
+        nodes,
+        "gemv",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+        outputs,
+        inits,
     )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [
+        helper.make_opsetid("", 17),
+        helper.make_opsetid(DOMAIN, 1),
+        helper.make_opsetid("com.microsoft", 1),
+    ]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
@@ -125,7 +140,9 @@ def _variant_bytes(packed: np.ndarray, copy: int) -> np.ndarray:
     return packed ^ key
 
 
-def _variants(k: int, n: int, rng: np.random.Generator) -> tuple[list[Variant], dict[int, GroupQuantized]]:
+def _variants(
+    k: int, n: int, rng: np.random.Generator
+) -> tuple[list[Variant], dict[int, GroupQuantized]]:
     variants: list[Variant] = []
     quantized = {g: _quantized(rng, k, n, g) for g in GROUPS}
     for group, q in quantized.items():
@@ -140,34 +157,76 @@ def _variants(k: int, n: int, rng: np.random.Generator) -> tuple[list[Variant], 
             nodes, inits = [], []
             for i in range(copies):
                 w = 0 if shared else i
-                nodes.append(helper.make_node(OP_TYPE, ["A", f"B{w}", f"S{w}"], [f"Y{i}"], domain=DOMAIN,
-                                              **ext.attributes))
+                nodes.append(
+                    helper.make_node(
+                        OP_TYPE, ["A", f"B{w}", f"S{w}"], [f"Y{i}"], domain=DOMAIN, **ext.attributes
+                    )
+                )
                 if i == w:
-                    inits += [numpy_helper.from_array(_variant_bytes(ext.packed, i), f"B{w}"),
-                              numpy_helper.from_array(ext.scales, f"S{w}")]
+                    inits += [
+                        numpy_helper.from_array(_variant_bytes(ext.packed, i), f"B{w}"),
+                        numpy_helper.from_array(ext.scales, f"S{w}"),
+                    ]
             return _model(k, n, nodes, inits)
 
-        def build_nbits(copies: int, shared: bool, level: int, b=nbits_b, q=q, group=group) -> bytes:
+        def build_nbits(
+            copies: int, shared: bool, level: int, b=nbits_b, q=q, group=group
+        ) -> bytes:
             nodes, inits = [], []
             for i in range(copies):
                 w = 0 if shared else i
-                nodes.append(helper.make_node("MatMulNBits", ["A", f"B{w}", f"S{w}"], [f"Y{i}"],
-                                              domain="com.microsoft", K=k, N=n, bits=4, block_size=group,
-                                              accuracy_level=level))
+                nodes.append(
+                    helper.make_node(
+                        "MatMulNBits",
+                        ["A", f"B{w}", f"S{w}"],
+                        [f"Y{i}"],
+                        domain="com.microsoft",
+                        K=k,
+                        N=n,
+                        bits=4,
+                        block_size=group,
+                        accuracy_level=level,
+                    )
+                )
                 if i == w:
-                    inits += [numpy_helper.from_array(_variant_bytes(b, i), f"B{w}"),
-                              numpy_helper.from_array(q.scales.reshape(-1), f"S{w}")]
+                    inits += [
+                        numpy_helper.from_array(_variant_bytes(b, i), f"B{w}"),
+                        numpy_helper.from_array(q.scales.reshape(-1), f"S{w}"),
+                    ]
             return _model(k, n, nodes, inits)
 
         ext_bytes = ext.packed.nbytes + ext.scales.nbytes
         nbits_bytes = nbits_b.nbytes + q.scales.nbytes
-        variants.append(Variant(f"graphopt.MatMulLowBit acc0 g{group}", group, ext_bytes, build_ext, custom=True))
-        variants.append(Variant(f"graphopt.MatMulLowBit acc4 g{group}", group, ext_bytes,
-                                lambda c, s, f=build_ext, e=ext4: f(c, s, e), custom=True))
-        variants.append(Variant(f"MatMulNBits acc0 b{group}", group, nbits_bytes,
-                                lambda c, s, f=build_nbits: f(c, s, 0)))
-        variants.append(Variant(f"MatMulNBits acc4 b{group}", group, nbits_bytes,
-                                lambda c, s, f=build_nbits: f(c, s, 4)))
+        variants.append(
+            Variant(
+                f"graphopt.MatMulLowBit acc0 g{group}", group, ext_bytes, build_ext, custom=True
+            )
+        )
+        variants.append(
+            Variant(
+                f"graphopt.MatMulLowBit acc4 g{group}",
+                group,
+                ext_bytes,
+                lambda c, s, f=build_ext, e=ext4: f(c, s, e),
+                custom=True,
+            )
+        )
+        variants.append(
+            Variant(
+                f"MatMulNBits acc0 b{group}",
+                group,
+                nbits_bytes,
+                lambda c, s, f=build_nbits: f(c, s, 0),
+            )
+        )
+        variants.append(
+            Variant(
+                f"MatMulNBits acc4 b{group}",
+                group,
+                nbits_bytes,
+                lambda c, s, f=build_nbits: f(c, s, 4),
+            )
+        )
     weight = quantized[GROUPS[0]].dequantize_matmul_weight()
 
     def build_fp32(copies: int, shared: bool) -> bytes:
@@ -183,19 +242,38 @@ def _variants(k: int, n: int, rng: np.random.Generator) -> tuple[list[Variant], 
     return variants, quantized
 
 
+def probe_rate(threads: int, mib: int = 256, repeats: int = 1) -> float | None:
+    """The probe's streaming read rate in GB/s with ``threads`` threads (None if not built)."""
+    if not PROBE.exists():
+        return None
+    out = subprocess.run(
+        [str(PROBE), str(mib), str(threads), str(repeats)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rates = dict(line.split(" ") for line in out.splitlines() if line.startswith("threads="))
+    return float(rates[f"threads={threads}"].split("=", 1)[1])
+
+
 def measure_read_bandwidth(threads: int, megabytes: int) -> dict[str, float]:
     """Best-of streaming read bandwidth in GB/s: the C++ probe and ORT ReduceSum."""
     rates: dict[str, float] = {}
     if PROBE.exists():
-        out = subprocess.run([str(PROBE), "1024", str(threads), "9"], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [str(PROBE), "1024", str(threads), "9"], check=True, capture_output=True, text=True
+        ).stdout
         for line in out.split():
             if line.startswith("threads="):
                 count = line.split("=", 1)[1]
             elif line.startswith("gbps="):
-                rates[f"graphopt_read_bandwidth, {count} thread(s), 1 GiB"] = float(line.split("=", 1)[1])
+                rates[f"graphopt_read_bandwidth, {count} thread(s), 1 GiB"] = float(
+                    line.split("=", 1)[1]
+                )
     else:
-        logger.warning("%s is missing (run `make runtime-ext`); the roofline falls back to ReduceSum", PROBE)
+        logger.warning(
+            "%s is missing (run `make runtime-ext`); the roofline falls back to ReduceSum", PROBE
+        )
     x = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
     graph = helper.make_graph(
         [helper.make_node("ReduceSum", ["X"], ["Y"], keepdims=0)],
@@ -203,8 +281,12 @@ def measure_read_bandwidth(threads: int, megabytes: int) -> dict[str, float]:
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [x.size])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    session = ort.InferenceSession(model, _options(threads, False), providers=["CPUExecutionProvider"])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)]
+    ).SerializeToString()
+    session = ort.InferenceSession(
+        model, _options(threads, False), providers=["CPUExecutionProvider"]
+    )
     feed = {"X": x}
     session.run(None, feed)
     ort_best = min(_timed(lambda: session.run(None, feed)) for _ in range(7))
@@ -221,36 +303,52 @@ def _timed(fn: Callable[[], object]) -> float:
 NOTES = [
     "## Notes",
     "",
-    ("- The machine is shared (other jobs keep the load average near 10 on 2 cores); the "
-     "header gives the load. Medians move by 2x between runs, best times much less: read the "
-     "best column and treat ratios within +-20% as equal."),
-    ("- acc0 (fp32 activations) is the exact arithmetic: it agrees with `MatMulNBits` "
-     "`accuracy_level=0` to float rounding and gives the same SmolLM2 perplexity. On this "
-     "CPU it is compute-bound (one AND, convert and FMA per 8 weights; about 0.33 ns per 8 "
-     "weights per core, i.e. ~700 µs single-threaded at 4096 x 4096), so it cannot reach the "
-     "memory roofline; it is ~1.2-1.4x faster than `MatMulNBits` acc0 on the 4096-wide "
-     "shapes (hot, best times)."),
-    ("- acc4 (int8 activations) uses VPDPBUSD (AVX512-VNNI, 256-bit) here, VPMADDUBSW on "
-     "AVX2-only CPUs. Single-threaded, outside ONNX Runtime, it takes ~280 µs at 4096 x 4096 "
-     "g128; ORT's `MatMulNBits` acc4 (MLAS, VNNI) takes ~200 µs on one thread, so MLAS "
-     "stays ~1.5-2x ahead at this level, and is also far less sensitive to the machine's load."),
-    ("- The roofline is the fastest streaming read seen: the fp32 GEMV reads 60-80 GB/s from "
-     "memory with two threads, while NumPy and ReduceSum probes stay near 10 GB/s (they are "
-     "compute-limited), so the percentages are conservative."),
+    (
+        "- The host is shared: best times are the uncontended speed, medians move by up to 2x "
+        "between runs; treat ratios within +-15% as equal. Cold copies differ byte for byte "
+        "(an earlier version of this script used identical copies, which ONNX Runtime shares "
+        'after pre-packing, so `MatMulNBits` "cold" rates exceeded the memory bandwidth).'
+    ),
+    (
+        "- acc0 (fp32 activations) is the exact arithmetic: it agrees with `MatMulNBits` "
+        "`accuracy_level=0` to float rounding and gives the same SmolLM2 perplexity. It is "
+        "compute-bound here (per 8 weights one AND, one int-to-float convert and one FMA per "
+        "row of A), so it stays below the memory roofline, but it is 1.5-1.9x faster than "
+        "`MatMulNBits` acc0 on the 4096-wide shapes."
+    ),
+    (
+        "- acc4 (int8 activations) uses VPDPBUSD (AVX512-VNNI, 256-bit) here, VPMADDUBSW on "
+        "AVX2-only CPUs. At 4096 x 4096 and 4096 x 11008 cold, both it and `MatMulNBits` acc4 "
+        "read at 80-100% of the measured bandwidth: at M = 1 the weights' bytes bound both, so "
+        "neither can be 1.3x faster than the other there; the kernels differ in compute speed "
+        "(hot columns) and on the small SmolLM2-sized shapes, where per-call overhead matters."
+    ),
+    (
+        "- Decode (last section) is the end-to-end figure: SmolLM2-135M's 211 MatMulLowBit "
+        "nodes against the same codes lowered to `MatMulNBits`."
+    ),
     "",
 ]
 
 
-def run_shape(k: int, n: int, threads: int, reps: int, seed: int) -> list[Variant]:
-    """Builds every variant for ``K x N`` and times them interleaved (hot and cold)."""
+def run_shape(
+    k: int, n: int, threads: int, reps: int, seed: int
+) -> tuple[list[Variant], list[float]]:
+    """Builds every variant for ``K x N`` and times them interleaved (hot and cold).
+
+    Returns the variants with their samples and the probe's read rates, one per round.
+    """
     rng = np.random.default_rng(seed)
     variants, quantized = _variants(k, n, rng)
     a = rng.standard_normal((1, k)).astype(np.float32)
     for v in variants:
         cold = max(2, min(MAX_COPIES, -(-COLD_BYTES // v.weight_bytes)))
         for mode, copies in (("hot", HOT_NODES), ("cold", cold)):
-            v.sessions[mode] = ort.InferenceSession(v.build(copies, mode == "hot"), _options(threads, v.custom),
-                                                    providers=["CPUExecutionProvider"])
+            v.sessions[mode] = ort.InferenceSession(
+                v.build(copies, mode == "hot"),
+                _options(threads, v.custom),
+                providers=["CPUExecutionProvider"],
+            )
             v.copies[mode] = copies
             v.samples[mode] = []
         q = quantized[v.group or GROUPS[0]]
@@ -259,7 +357,11 @@ def run_shape(k: int, n: int, threads: int, reps: int, seed: int) -> list[Varian
         v.max_error = float(np.max(np.abs(y - expected)) / np.max(np.abs(expected)))
         v.sessions["cold"].run(None, {"A": a})  # warm-up
     order = [(v, mode) for v in variants for mode in ("hot", "cold")]
+    probes: list[float] = []
     for _ in range(reps):
+        rate = probe_rate(threads)
+        if rate is not None:
+            probes.append(rate)
         for i in rng.permutation(len(order)):
             v, mode = order[i]
             session, copies = v.sessions[mode], v.copies[mode]
@@ -267,54 +369,87 @@ def run_shape(k: int, n: int, threads: int, reps: int, seed: int) -> list[Varian
             v.samples[mode].append(elapsed / copies)
     for v in variants:
         v.sessions.clear()
-    return variants
+    return variants, probes
 
 
 def _fmt_us(seconds: float) -> str:
     return f"{seconds * 1e6:.0f}"
 
 
-def render(results: dict[tuple[int, int], list[Variant]], bandwidth: dict[str, float], threads: int,
-           reps: int, load: tuple[tuple[float, float, float], tuple[float, float, float]], wall: float,
-           command: str) -> str:
-    best = {key: {v.name: {m: min(s) for m, s in v.samples.items()} for v in vs} for key, vs in results.items()}
-    median = {key: {v.name: {m: statistics.median(s) for m, s in v.samples.items()} for v in vs}
-              for key, vs in results.items()}
-    # The roofline: the fastest streaming read of the probes with the benchmark's threads.
+def render(
+    results: dict[tuple[int, int], list[Variant]],
+    probes: dict[tuple[int, int], list[float]],
+    bandwidth: dict[str, float],
+    threads: int,
+    reps: int,
+    load: tuple[tuple[float, float, float], tuple[float, float, float]],
+    wall: float,
+    command: str,
+) -> str:
+    best = {
+        key: {v.name: {m: min(s) for m, s in v.samples.items()} for v in vs}
+        for key, vs in results.items()
+    }
+    median = {
+        key: {v.name: {m: statistics.median(s) for m, s in v.samples.items()} for v in vs}
+        for key, vs in results.items()
+    }
     rates = bandwidth
-    roofline = max(rate for name, rate in rates.items() if f"{threads} thread" in name)
+    start_rate = max(rate for name, rate in rates.items() if f"{threads} thread" in name)
     today = datetime.date.today().isoformat()
     cpu = _cpu_name()
     lines = [
         "# runtime_ext kernels: low-bit GEMV (`graphopt.MatMulLowBit`)",
         "",
-        (f"Written by `tools/bench_kernels.py` on {today}: {cpu}, {os.cpu_count()} CPUs, ONNX "
-         f"Runtime {ort.__version__}, `intra_op_num_threads={threads}`, spinning off, {reps} "
-         f"interleaved rounds (wall {wall:.0f} s). Load average before/after: "
-         f"{' '.join(f'{x:.2f}' for x in load[0])} / {' '.join(f'{x:.2f}' for x in load[1])}."),
+        (
+            f"Written by `tools/bench_kernels.py` on {today}: {cpu}, {os.cpu_count()} CPUs, ONNX "
+            f"Runtime {ort.__version__}, `intra_op_num_threads={threads}`, spinning off, {reps} "
+            f"interleaved rounds (wall {wall:.0f} s). Load average before/after: "
+            f"{' '.join(f'{x:.2f}' for x in load[0])} / {' '.join(f'{x:.2f}' for x in load[1])}."
+        ),
         "",
         f"Reproduce: `{command}` (after `make setup`).",
         "",
-        ("Streaming read bandwidth (best of the probe's 9 and ReduceSum's 7 runs): "
-         + ", ".join(f"{name} {gbs:.1f} GB/s" for name, gbs in rates.items())
-         + f"; roofline = the faster {threads}-thread probe, {roofline:.1f} GB/s."),
+        (
+            "Streaming read bandwidth before the shapes (best of the probe's 9 and ReduceSum's 7 "
+            "runs): " + ", ".join(f"{name} {gbs:.1f} GB/s" for name, gbs in rates.items()) + ". "
+            "Each shape's roofline is the faster of the probe during that shape's rounds and the "
+            "fp32 MatMul's cold rate: the host is shared and its memory bandwidth moves with the "
+            "neighbours' load (the probe has read anywhere from 30 to 52 GB/s on this machine), "
+            "so only rates taken in the same rounds compare."
+        ),
         "",
-        ("M = 1, int4 symmetric codes (the same codes and scales for every int4 operator), fp32 "
-         "activations; acc0 = fp32 arithmetic, acc4 = int8 activations. *cold*: weights "
-         "streamed from memory (R copies per model, at least 384 MiB, as in LLM decoding); "
-         f"*hot*: {HOT_NODES} nodes sharing one weight, cache-resident after the first. Times "
-         "per node (one run / nodes): best of the rounds (median in brackets; the best is the "
-         "uncontended speed). GB/s = bytes the operator reads (codes + scales, or fp32 weights) / best "
-         "time; % roofline = cold GB/s / roofline. Speed-ups are MatMulNBits time / "
-         "MatMulLowBit time at the same accuracy level and group size, from best times "
-         "(medians in brackets). Error: max |y - y_ref| / max |y_ref| against float64 on the "
-         "dequantized weights."),
+        (
+            "M = 1, int4 symmetric codes (the same codes and scales for every int4 operator), fp32 "
+            "activations; acc0 = fp32 arithmetic, acc4 = int8 activations. *cold*: weights "
+            "streamed from memory (R copies per model, at least 384 MiB, as in LLM decoding); "
+            f"*hot*: {HOT_NODES} nodes sharing one weight, cache-resident after the first. Times "
+            "per node (one run / nodes): best of the rounds (median in brackets; the best is the "
+            "uncontended speed). GB/s = bytes the operator reads (codes + scales, or fp32 weights) / best "
+            "time; % roofline = cold GB/s / roofline. Speed-ups are MatMulNBits time / "
+            "MatMulLowBit time at the same accuracy level and group size, from best times "
+            "(medians in brackets). Error: max |y - y_ref| / max |y_ref| against float64 on the "
+            "dequantized weights."
+        ),
         "",
     ]
     for (k, n), variants in results.items():
         b, md = best[(k, n)], median[(k, n)]
+        fp32 = next(v for v in variants if v.group is None)
+        fp32_rate = fp32.weight_bytes / b[fp32.name]["cold"] / 1e9
+        during = max(probes[(k, n)], default=0.0)
+        roofline = max(during, fp32_rate) if during else max(start_rate, fp32_rate)
         lines += [f"## K x N = {k} x {n}", ""]
-        lines.append("| operator | cold µs | cold GB/s | % roofline | hot µs | hot GB/s | copies (cold) | error |")
+        lines += [
+            (
+                f"Roofline {roofline:.1f} GB/s (probe during these rounds {during:.1f}, fp32 MatMul "
+                f"cold {fp32_rate:.1f})."
+            ),
+            "",
+        ]
+        lines.append(
+            "| operator | cold µs | cold GB/s | % roofline | hot µs | hot GB/s | copies (cold) | error |"
+        )
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for v in variants:
             cold, hot = b[v.name]["cold"], b[v.name]["hot"]
@@ -327,24 +462,38 @@ def render(results: dict[tuple[int, int], list[Variant]], bandwidth: dict[str, f
         lines.append("")
 
         def ratio(theirs: str, ours: str, mode: str, b: dict = b, md: dict = md) -> str:
-            return (f"{b[theirs][mode] / b[ours][mode]:.2f}x "
-                    f"({md[theirs][mode] / md[ours][mode]:.2f}x)")
+            return (
+                f"{b[theirs][mode] / b[ours][mode]:.2f}x ({md[theirs][mode] / md[ours][mode]:.2f}x)"
+            )
 
         speedups = []
         for group in GROUPS:
             for level in (0, 4):
-                ours, theirs = f"graphopt.MatMulLowBit acc{level} g{group}", f"MatMulNBits acc{level} b{group}"
-                speedups.append(f"acc{level} g{group}: cold {ratio(theirs, ours, 'cold')}, "
-                                f"hot {ratio(theirs, ours, 'hot')}")
+                ours, theirs = (
+                    f"graphopt.MatMulLowBit acc{level} g{group}",
+                    f"MatMulNBits acc{level} b{group}",
+                )
+                speedups.append(
+                    f"acc{level} g{group}: cold {ratio(theirs, ours, 'cold')}, "
+                    f"hot {ratio(theirs, ours, 'hot')}"
+                )
         ours = f"graphopt.MatMulLowBit acc4 g{GROUPS[0]}"
-        speedups.append(f"acc4 g{GROUPS[0]} vs MatMulNBits acc0 b{GROUPS[0]}: "
-                        f"cold {ratio(f'MatMulNBits acc0 b{GROUPS[0]}', ours, 'cold')}, "
-                        f"hot {ratio(f'MatMulNBits acc0 b{GROUPS[0]}', ours, 'hot')}")
+        speedups.append(
+            f"acc4 g{GROUPS[0]} vs MatMulNBits acc0 b{GROUPS[0]}: "
+            f"cold {ratio(f'MatMulNBits acc0 b{GROUPS[0]}', ours, 'cold')}, "
+            f"hot {ratio(f'MatMulNBits acc0 b{GROUPS[0]}', ours, 'hot')}"
+        )
         ours = f"graphopt.MatMulLowBit acc0 g{GROUPS[0]}"
-        speedups.append(f"acc0 g{GROUPS[0]} vs fp32 MatMul: cold {ratio('fp32 MatMul', ours, 'cold')}, "
-                        f"hot {ratio('fp32 MatMul', ours, 'hot')}")
-        lines += ["MatMulLowBit speed-up over MatMulNBits at the same accuracy level and group: "
-                  + "; ".join(speedups) + ".", ""]
+        speedups.append(
+            f"acc0 g{GROUPS[0]} vs fp32 MatMul: cold {ratio('fp32 MatMul', ours, 'cold')}, "
+            f"hot {ratio('fp32 MatMul', ours, 'hot')}"
+        )
+        lines += [
+            "MatMulLowBit speed-up over MatMulNBits at the same accuracy level and group: "
+            + "; ".join(speedups)
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -359,8 +508,11 @@ def smollm2_decode(threads: int, rounds: int, work: Path) -> str:
 
     src = smollm2.build("kv-cache")
     paths: dict[str, Path] = {}
-    for name, target, level in (("MatMulLowBit acc0", "ext", None), ("MatMulNBits acc0", "ort", 0),
-                                ("MatMulNBits acc4", "ort", 4)):
+    for name, target, level in (
+        ("MatMulLowBit acc0", "ext", None),
+        ("MatMulNBits acc0", "ort", 0),
+        ("MatMulNBits acc4", "ort", 4),
+    ):
         model = ir.load(src)
         ctx = PassContext(target=target)
         opts = WeightOnlyOptions(bits=4, group=128, sym=True, accuracy_level=level)
@@ -372,26 +524,37 @@ def smollm2_decode(threads: int, rounds: int, work: Path) -> str:
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
             node.attribute.append(helper.make_attribute("accuracy_level", 4))
     paths["MatMulLowBit acc4"] = work / "ext4.onnx"
-    onnx.save(proto, str(paths["MatMulLowBit acc4"]), save_as_external_data=True, location="ext4.onnx.data")
+    onnx.save(
+        proto,
+        str(paths["MatMulLowBit acc4"]),
+        save_as_external_data=True,
+        location="ext4.onnx.data",
+    )
     samples: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, path in paths.items():
             options = _options(threads, name.startswith("MatMulLowBit"))
-            result = smollm2.decode_latency(path, prompt_len=32, new_tokens=32, session_options=options)
+            result = smollm2.decode_latency(
+                path, prompt_len=32, new_tokens=32, session_options=options
+            )
             samples[name].append(result["decode_ms"])
     med = {name: statistics.median(v) for name, v in samples.items()}
     lines = [
         "## SmolLM2-135M decode (kv-cache, int4 g128 symmetric RTN, same codes)",
         "",
-        (f"Greedy decoding, 32-token prose prompt, 32 new tokens; median ms per token over "
-         f"{rounds} interleaved rounds (each the median of its 32 steps)."),
+        (
+            f"Greedy decoding, 32-token prose prompt, 32 new tokens; median ms per token over "
+            f"{rounds} interleaved rounds (each the median of its 32 steps)."
+        ),
         "",
         "| lowering | decode ms/token | vs MatMulNBits acc4 | vs MatMulNBits acc0 |",
         "| --- | --- | --- | --- |",
     ]
     for name, value in med.items():
-        lines.append(f"| {name} | {value:.1f} | {value / med['MatMulNBits acc4']:.2f} | "
-                     f"{value / med['MatMulNBits acc0']:.2f} |")
+        lines.append(
+            f"| {name} | {value:.1f} | {value / med['MatMulNBits acc4']:.2f} | "
+            f"{value / med['MatMulNBits acc0']:.2f} |"
+        )
     return "\n".join(lines + [""])
 
 
@@ -407,15 +570,23 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "kernels.md"),
-                        help="markdown output file, '-' for stdout only")
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "docs" / "bench" / "kernels.md"),
+        help="markdown output file, '-' for stdout only",
+    )
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES),
-                        help="comma-separated KxN list")
-    parser.add_argument("--bandwidth-mib", type=int, default=512, help="array size of the bandwidth probe")
+    parser.add_argument(
+        "--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN list"
+    )
+    parser.add_argument(
+        "--bandwidth-mib", type=int, default=512, help="array size of the bandwidth probe"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smollm2", action="store_true", help="add the SmolLM2-135M decode section")
+    parser.add_argument(
+        "--smollm2", action="store_true", help="add the SmolLM2-135M decode section"
+    )
     parser.add_argument("--decode-rounds", type=int, default=3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -424,20 +595,33 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     bandwidth = measure_read_bandwidth(args.threads, args.bandwidth_mib)
     logger.info("read bandwidth: %s", bandwidth)
-    results = {}
+    results, probes = {}, {}
     for k, n in shapes:
         logger.info("K x N = %d x %d", k, n)
-        results[(k, n)] = run_shape(k, n, args.threads, args.reps, args.seed)
+        results[(k, n)], probes[(k, n)] = run_shape(k, n, args.threads, args.reps, args.seed)
     decode = ""
     if args.smollm2:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             decode = smollm2_decode(args.threads, args.decode_rounds, Path(tmp))
-    command = " ".join([".venv/bin/python tools/bench_kernels.py", f"--reps {args.reps}",
-                        *(["--smollm2"] if args.smollm2 else [])])
-    text = render(results, bandwidth, args.threads, args.reps, (load_before, os.getloadavg()),
-                  time.perf_counter() - started, command)
+    command = " ".join(
+        [
+            ".venv/bin/python tools/bench_kernels.py",
+            f"--reps {args.reps}",
+            *(["--smollm2"] if args.smollm2 else []),
+        ]
+    )
+    text = render(
+        results,
+        probes,
+        bandwidth,
+        args.threads,
+        args.reps,
+        (load_before, os.getloadavg()),
+        time.perf_counter() - started,
+        command,
+    )
     if decode:
         text += "\n" + decode
     text += "\n" + "\n".join(NOTES)

@@ -70,6 +70,7 @@ struct Kernel {
   std::string where;  // "MatMulLowBit node 'name'"
   const KernelSet* kernels = nullptr;
   double min_parallel_macs = kMinParallelMacs;
+  bool checked_at_load[kInputCount] = {};  // constant initializers whose shapes were checked
 };
 
 // ---------------------------------------------------------------- schema callbacks
@@ -226,8 +227,10 @@ OrtStatus* a_shape_error(const std::string& where, const Attributes& at, const s
                                               ", its last dimension must equal attribute K=" + std::to_string(at.k));
 }
 
-// Load-time checks: A's static last dimension and the weights that are initializers.
-OrtStatus* check_at_load(const OrtKernelInfo* info, const std::string& where, const Attributes& at) {
+// Load-time checks: A's static last dimension and the weights that are initializers
+// (constant[i] tells which: compute() need not look at their shapes again).
+OrtStatus* check_at_load(const OrtKernelInfo* info, const std::string& where, const Attributes& at,
+                         bool* constant) {
   size_t count = 0;
   GRAPHOPT_RETURN_IF_ERROR(api().KernelInfo_GetInputCount(info, &count));
   if (count >= 1) {
@@ -257,7 +260,9 @@ OrtStatus* check_at_load(const OrtKernelInfo* info, const std::string& where, co
       present[i] = true;
     }
   }
-  return check_weights(where, at, infos, present);
+  GRAPHOPT_RETURN_IF_ERROR(check_weights(where, at, infos, present));
+  for (size_t i = 0; i < kInputCount; ++i) constant[i] = present[i];
+  return nullptr;
 }
 
 OrtStatusPtr ORT_API_CALL op_create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
@@ -276,9 +281,11 @@ OrtStatusPtr ORT_API_CALL op_create_kernel(const OrtCustomOp*, const OrtApi*, co
   }
   const std::string problem = check_attributes(a);
   if (!problem.empty()) return make_error(ORT_INVALID_ARGUMENT, where + ": " + problem);
-  GRAPHOPT_RETURN_IF_ERROR(check_at_load(info, where, a));
-  Kernel* kernel = new (std::nothrow) Kernel{a, where, &select_kernels(), min_parallel_macs()};
+  bool constant[kInputCount] = {};
+  GRAPHOPT_RETURN_IF_ERROR(check_at_load(info, where, a, constant));
+  Kernel* kernel = new (std::nothrow) Kernel{a, where, &select_kernels(), min_parallel_macs(), {}};
   if (!kernel) return make_error(ORT_FAIL, where + ": out of memory");
+  for (size_t i = 0; i < kInputCount; ++i) kernel->checked_at_load[i] = constant[i];
   *kernel_out = kernel;
   return nullptr;
 }
@@ -287,13 +294,14 @@ void ORT_API_CALL op_destroy_kernel(void* kernel) { delete static_cast<Kernel*>(
 
 // ---------------------------------------------------------------- compute
 
-OrtStatus* input_info(OrtKernelContext* ctx, size_t index, const OrtValue** value, TensorInfo* info) {
+// The input (null when absent) and, unless skip_info (a constant already checked at load),
+// its type and shape.
+OrtStatus* input_info(OrtKernelContext* ctx, size_t count, size_t index, bool skip_info, const OrtValue** value,
+                      TensorInfo* info) {
   *value = nullptr;
-  size_t count = 0;
-  GRAPHOPT_RETURN_IF_ERROR(api().KernelContext_GetInputCount(ctx, &count));
   if (index >= count) return nullptr;
   GRAPHOPT_RETURN_IF_ERROR(api().KernelContext_GetInput(ctx, index, value));
-  if (*value) GRAPHOPT_RETURN_IF_ERROR(tensor_info(*value, info));
+  if (*value && !skip_info) GRAPHOPT_RETURN_IF_ERROR(tensor_info(*value, info));
   return nullptr;
 }
 
@@ -320,16 +328,20 @@ OrtStatusPtr compute(const Kernel& kernel, OrtKernelContext* ctx) {
   const std::string& where = kernel.where;
   const OrtValue* values[kInputCount] = {};
   TensorInfo infos[kInputCount];
-  for (size_t i = 0; i < kInputCount; ++i) GRAPHOPT_RETURN_IF_ERROR(input_info(ctx, i, &values[i], &infos[i]));
+  size_t count = 0;
+  GRAPHOPT_RETURN_IF_ERROR(api().KernelContext_GetInputCount(ctx, &count));
+  for (size_t i = 0; i < kInputCount; ++i) {
+    GRAPHOPT_RETURN_IF_ERROR(input_info(ctx, count, i, kernel.checked_at_load[i], &values[i], &infos[i]));
+  }
   if (!values[kA] || !values[kPacked] || !values[kScales]) {
     return make_error(ORT_INVALID_ARGUMENT, where + ": inputs A, B_packed and scales are required");
   }
   const TensorInfo& a_info = infos[kA];
   if (a_info.dims.empty() || a_info.dims.back() != at.k) return a_shape_error(where, at, a_info.dims);
   const std::int64_t groups = num_groups(at);
-  bool present[kInputCount];
-  for (size_t i = 0; i < kInputCount; ++i) present[i] = values[i] != nullptr;
-  GRAPHOPT_RETURN_IF_ERROR(check_weights(where, at, infos, present));
+  bool unchecked[kInputCount];  // present and not checked at load
+  for (size_t i = 0; i < kInputCount; ++i) unchecked[i] = values[i] != nullptr && !kernel.checked_at_load[i];
+  GRAPHOPT_RETURN_IF_ERROR(check_weights(where, at, infos, unchecked));
 
   std::vector<std::int64_t> out_dims = a_info.dims;
   out_dims.back() = at.n;

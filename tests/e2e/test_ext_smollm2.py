@@ -77,8 +77,11 @@ def lowered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pat
         src = smollm2.build(variant)  # type: ignore[arg-type]
         ext_out = work / f"{variant}-ext.onnx"
         if variant == "no-cache":
-            report = optimize(src, ext_out, OptimizeConfig(passes=PASSES, target="ext", latency=False,
-                                                           plugins=False))
+            report = optimize(
+                src,
+                ext_out,
+                OptimizeConfig(passes=PASSES, target="ext", latency=False, plugins=False),
+            )
             (record,) = report.passes
             assert record.stats["lowering"] == "ext"
             assert record.stats["nodes_created"].get("MatMulLowBit") == 211, record.stats
@@ -90,28 +93,44 @@ def lowered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pat
             "nbits4": _lower(src, work / f"{variant}-nbits4.onnx", "ort", accuracy_level=4),
         }
         if variant == "no-cache":
-            out[variant]["nbits0"] = _lower(src, work / f"{variant}-nbits0.onnx", "ort", accuracy_level=0)
+            out[variant]["nbits0"] = _lower(
+                src, work / f"{variant}-nbits0.onnx", "ort", accuracy_level=0
+            )
     return out
 
 
 def _window_logits(path: Path, custom: bool) -> tuple[np.ndarray, np.ndarray]:
     """(logits [255, vocab] predicting tokens 1..255 of the first window, those tokens)."""
     ids = smollm2.evaluation_tokens()[: smollm2.DEFAULT_WINDOW][None, :]
-    session = smollm2.make_session(path, threads=2, custom_op_libraries=[ext.library_path()] if custom else ())
-    (logits,) = session.run([smollm2.LOGITS], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    session = smollm2.make_session(
+        path, threads=2, custom_op_libraries=[ext.library_path()] if custom else ()
+    )
+    (logits,) = session.run(
+        [smollm2.LOGITS], {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    )
     return logits[0, :-1], ids[0, 1:]
 
 
 def _sqnr_db(approx: np.ndarray, exact: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(exact.astype(np.float64) ** 2) / np.sum((approx - exact).astype(np.float64) ** 2)))
+    return float(
+        10
+        * np.log10(
+            np.sum(exact.astype(np.float64) ** 2) / np.sum((approx - exact).astype(np.float64) ** 2)
+        )
+    )
 
 
-def test_perplexity_matches_matmulnbits(lowered: dict[str, dict[str, Path]], record_property) -> None:
+def test_perplexity_matches_matmulnbits(
+    lowered: dict[str, dict[str, Path]], record_property
+) -> None:
     logits, ppl = {}, {}
     for name, path in lowered["no-cache"].items():
         logits[name], targets = _window_logits(path, name.startswith("ext"))
         ppl[name] = float(np.exp(smollm2.token_nll(logits[name], targets).mean()))
-    sqnr = {"ext4": _sqnr_db(logits["ext4"], logits["ext"]), "nbits4": _sqnr_db(logits["nbits4"], logits["nbits0"])}
+    sqnr = {
+        "ext4": _sqnr_db(logits["ext4"], logits["ext"]),
+        "nbits4": _sqnr_db(logits["nbits4"], logits["nbits0"]),
+    }
     record_property("perplexity", {k: round(v, 4) for k, v in ppl.items()})
     record_property("int8_logit_sqnr_db", {k: round(v, 2) for k, v in sqnr.items()})
     assert abs(ppl["ext"] / ppl["nbits0"] - 1) <= SAME_ARITHMETIC, ppl
@@ -130,11 +149,18 @@ def test_decode_latency_ratio(lowered: dict[str, dict[str, Path]], record_proper
         return so
 
     latency = {
-        name: smollm2.decode_latency(path, prompt_len=16, new_tokens=8, repeats=1,
-                                     session_options=options(name.startswith("ext")))["decode_ms"]
+        name: smollm2.decode_latency(
+            path,
+            prompt_len=16,
+            new_tokens=8,
+            repeats=1,
+            session_options=options(name.startswith("ext")),
+        )["decode_ms"]
         for name, path in lowered["kv-cache"].items()
     }
     record_property("ext_acc0_decode_ratio_vs_nbits4", round(latency["ext"] / latency["nbits4"], 3))
-    record_property("ext_acc4_decode_ratio_vs_nbits4", round(latency["ext4"] / latency["nbits4"], 3))
+    record_property(
+        "ext_acc4_decode_ratio_vs_nbits4", round(latency["ext4"] / latency["nbits4"], 3)
+    )
     record_property("decode_ms", {k: round(v, 2) for k, v in latency.items()})
     assert all(v > 0 for v in latency.values())

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from graphopt.backends.ext.format import (
     DOMAIN,
     OP_TYPE,
-    ExtWeights,
     TILE_CHANNELS,
+    ExtWeights,
     codes_per_word,
     from_ext,
     from_tiles,
@@ -75,7 +75,9 @@ def test_layout_matches_the_documented_formula(bits: int) -> None:
     for channel in range(n):
         for index in range(k):
             word = int(words[channel // 16, index // per_word, channel % 16])
-            assert (word >> ((index % per_word) * bits)) & ((1 << bits) - 1) == codes[channel, index]
+            assert (word >> ((index % per_word) * bits)) & ((1 << bits) - 1) == codes[
+                channel, index
+            ]
     # Padding codes, padding channels and (3-bit) unused word bits are zero.
     full = unpack_tiles(pack_tiles(codes, bits), bits, words.shape[1] * per_word, num_tiles(n) * 16)
     assert not full[:, k:].any()

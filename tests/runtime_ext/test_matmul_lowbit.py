@@ -23,6 +23,7 @@ def _always_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every shape through the thread pool (small ones run inline by default)."""
     monkeypatch.setenv("GRAPHOPT_EXT_MIN_PARALLEL_MACS", "0")
 
+
 BITS = (2, 3, 4, 8)
 #: GRAPHOPT_EXT_ISA values: the best the CPU has, AVX2 only, the portable kernels.
 ISAS = ("native", "avx2", "scalar")
@@ -33,6 +34,7 @@ def _use_isa(monkeypatch: pytest.MonkeyPatch, isa: str) -> None:
         monkeypatch.delenv("GRAPHOPT_EXT_ISA", raising=False)
     else:
         monkeypatch.setenv("GRAPHOPT_EXT_ISA", isa)
+
 
 # (A shape, N, group_size): K not a multiple of the group, N = 1, per-channel, groups not
 # a multiple of 8 (generic path), batch dims, K below one packed block.

@@ -93,7 +93,9 @@ def test_bad_weight_shape_from_a_graph_input_fails_at_run(ext: object) -> None:
     model.graph.initializer.remove(scales)
     model.graph.input.append(onnx.helper.make_tensor_value_info("S", onnx.TensorProto.FLOAT, None))
     session = ext_session(model.SerializeToString())
-    with pytest.raises(Exception, match=r"input scales must be float32\[1, 3, 16\], got shape \[6, 2\]"):
+    with pytest.raises(
+        Exception, match=r"input scales must be float32\[1, 3, 16\], got shape \[6, 2\]"
+    ):
         session.run(None, {"A": np.zeros((1, K), np.float32), "S": np.ones((N, 2), np.float32)})
 
 

@@ -83,7 +83,9 @@ def to_tiles(per_channel: np.ndarray) -> np.ndarray:
 def from_tiles(tiled: np.ndarray, n: int) -> np.ndarray:
     """Inverse of :func:`to_tiles`: the first ``N`` channels as ``[N, G]``."""
     if tiled.ndim != 3 or tiled.shape[0] != num_tiles(n) or tiled.shape[2] != TILE_CHANNELS:
-        raise ValueError(f"expected [{num_tiles(n)}, G, {TILE_CHANNELS}] for N={n}, got {list(tiled.shape)}")
+        raise ValueError(
+            f"expected [{num_tiles(n)}, G, {TILE_CHANNELS}] for N={n}, got {list(tiled.shape)}"
+        )
     return np.ascontiguousarray(tiled.transpose(0, 2, 1).reshape(-1, tiled.shape[1])[:n])
 
 
@@ -122,7 +124,9 @@ def pack_tiles(codes: np.ndarray, bits: int) -> np.ndarray:
     fields = padded.reshape(-1, TILE_CHANNELS, columns, per_word)
     shifts = np.arange(per_word, dtype=np.uint32) * bits
     words = np.bitwise_or.reduce(fields << shifts, axis=3).transpose(0, 2, 1)  # [T, c, j]
-    return np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(-1, columns * COLUMN_BYTES)
+    return (
+        np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(-1, columns * COLUMN_BYTES)
+    )
 
 
 def unpack_tiles(packed: np.ndarray, bits: int, k: int, n: int) -> np.ndarray:
@@ -136,9 +140,13 @@ def unpack_tiles(packed: np.ndarray, bits: int, k: int, n: int) -> np.ndarray:
             f"got {packed.dtype}{list(packed.shape)}"
         )
     per_word = codes_per_word(bits)
-    words = np.ascontiguousarray(packed).view("<u4").reshape(expected[0], -1, TILE_CHANNELS)  # [T, c, j]
+    words = (
+        np.ascontiguousarray(packed).view("<u4").reshape(expected[0], -1, TILE_CHANNELS)
+    )  # [T, c, j]
     shifts = np.arange(per_word, dtype=np.uint32) * bits
-    fields = (words.transpose(0, 2, 1)[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # [T, j, c, f]
+    fields = (words.transpose(0, 2, 1)[..., None] >> shifts) & np.uint32(
+        (1 << bits) - 1
+    )  # [T, j, c, f]
     return fields.reshape(expected[0] * TILE_CHANNELS, -1)[:n, :k].astype(np.uint8)
 
 
@@ -159,7 +167,9 @@ def to_ext(q: GroupQuantized, accuracy_level: int = 0) -> ExtWeights:
     attributes = {"K": q.k, "N": q.n, "bits": q.bits, "group_size": q.group_size}
     if accuracy_level:
         attributes["accuracy_level"] = accuracy_level
-    zero_points = None if q.zero_points is None else to_tiles(np.asarray(q.zero_points, dtype=np.uint8))
+    zero_points = (
+        None if q.zero_points is None else to_tiles(np.asarray(q.zero_points, dtype=np.uint8))
+    )
     return ExtWeights(
         packed=pack_tiles(q.codes, q.bits),
         scales=to_tiles(np.asarray(q.scales, dtype=np.float32)),
@@ -184,7 +194,9 @@ def from_ext(w: ExtWeights) -> GroupQuantized:
     k, n = _attribute(w, "K"), _attribute(w, "N")
     bits, group_size = _attribute(w, "bits"), _attribute(w, "group_size")
     if group_size < 1 or k < 1 or n < 1:
-        raise ValueError(f"K, N and group_size must be positive, got K={k} N={n} group_size={group_size}")
+        raise ValueError(
+            f"K, N and group_size must be positive, got K={k} N={n} group_size={group_size}"
+        )
     codes = unpack_tiles(w.packed, bits, k, n)
     expected = (num_tiles(n), num_groups(k, group_size), TILE_CHANNELS)
     if w.scales.shape != expected:
@@ -192,7 +204,9 @@ def from_ext(w: ExtWeights) -> GroupQuantized:
     if w.zero_points is not None and w.zero_points.shape != expected:
         raise ValueError(f"zero_points must be {list(expected)}, got {list(w.zero_points.shape)}")
     scales = from_tiles(np.asarray(w.scales, dtype=np.float32), n)
-    zero_points = None if w.zero_points is None else from_tiles(np.asarray(w.zero_points, dtype=np.uint8), n)
+    zero_points = (
+        None if w.zero_points is None else from_tiles(np.asarray(w.zero_points, dtype=np.uint8), n)
+    )
     return GroupQuantized(codes, scales, zero_points, bits, group_size)
 
 
