@@ -318,10 +318,13 @@ NOTES = [
     ),
     (
         "- acc4 (int8 activations) uses VPDPBUSD (AVX512-VNNI, 256-bit) here, VPMADDUBSW on "
-        "AVX2-only CPUs. At 4096 x 4096 and 4096 x 11008 cold, both it and `MatMulNBits` acc4 "
-        "read at 80-100% of the measured bandwidth: at M = 1 the weights' bytes bound both, so "
-        "neither can be 1.3x faster than the other there; the kernels differ in compute speed "
-        "(hot columns) and on the small SmolLM2-sized shapes, where per-call overhead matters."
+        "AVX2-only CPUs. Cold, at 4096 x 4096 and 4096 x 11008, it and `MatMulNBits` acc4 read "
+        "within 10% of each other and as fast as the fp32 MatMul streams (55-97% of the probe, "
+        "whose rate swings between ~33 and ~54 GB/s on this host): at M = 1 the weights' bytes "
+        "bound both, so neither can be 1.3x faster there. They differ in compute speed (hot "
+        "columns: 1.1-1.8x for MatMulLowBit) and on the small SmolLM2-sized shapes cold, where "
+        "MatMulNBits is ~1.5x faster (it splits even 1 M-MAC products over both threads "
+        "profitably; MatMulLowBit gains nothing from that there and runs them on one)."
     ),
     (
         "- Decode (last section) is the end-to-end figure: SmolLM2-135M's 211 MatMulLowBit "
