@@ -77,6 +77,14 @@ struct Int8Row {
   const std::int32_t* sums;
 };
 Int8Row int8_row(const LowBitProblem& p, std::size_t m);
+// The same arrays of row m, writable, in a workspace being prepared (p.prepared_stride set).
+struct Int8RowBuffers {
+  std::int8_t* natural;
+  std::int8_t* lanes;
+  float* scales;
+  std::int32_t* sums;
+};
+Int8RowBuffers int8_row_buffers(const LowBitProblem& p, std::uint8_t* workspace, std::size_t m);
 std::size_t int8_workspace_bytes(const LowBitProblem& p);
 std::size_t int8_row_stride(const LowBitProblem& p);  // bytes per row of A in the workspace
 void int8_prepare(LowBitProblem& p, std::uint8_t* workspace);

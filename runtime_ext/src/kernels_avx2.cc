@@ -282,11 +282,7 @@ void int8_prepare_avx2(LowBitProblem& p, std::uint8_t* workspace) {
   alignas(16) static const std::int8_t kOrder4[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
   alignas(16) static const std::int8_t kOrder2[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
   for (std::size_t m = 0; m < p.m; ++m) {
-    std::uint8_t* base = workspace + m * p.prepared_stride;
-    auto* natural = reinterpret_cast<std::int8_t*>(base);
-    auto* lanes = reinterpret_cast<std::int8_t*>(base + padded_k);
-    auto* scales = reinterpret_cast<float*>(base + 2 * padded_k);
-    auto* sums = reinterpret_cast<std::int32_t*>(scales + p.groups);
+    const auto [natural, lanes, scales, sums] = int8_row_buffers(p, workspace, m);
     const float* a = p.a + m * p.k;
     for (std::size_t k = p.k; k < padded_k; ++k) natural[k] = 0;
     for (std::size_t g = 0; g < p.groups; ++g) {

@@ -80,12 +80,18 @@ std::size_t int8_row_stride(const LowBitProblem& p) {
 
 std::size_t int8_workspace_bytes(const LowBitProblem& p) { return p.m * int8_row_stride(p); }
 
-Int8Row int8_row(const LowBitProblem& p, std::size_t m) {
-  const std::uint8_t* base = p.prepared + m * p.prepared_stride;
+Int8RowBuffers int8_row_buffers(const LowBitProblem& p, std::uint8_t* workspace, std::size_t m) {
+  std::uint8_t* base = workspace + m * p.prepared_stride;
   const std::size_t padded_k = p.padded_k();
-  const auto* scales = reinterpret_cast<const float*>(base + 2 * padded_k);
-  return {reinterpret_cast<const std::int8_t*>(base), reinterpret_cast<const std::int8_t*>(base + padded_k),
-          scales, reinterpret_cast<const std::int32_t*>(scales + p.groups)};
+  auto* scales = reinterpret_cast<float*>(base + 2 * padded_k);
+  return {reinterpret_cast<std::int8_t*>(base), reinterpret_cast<std::int8_t*>(base + padded_k), scales,
+          reinterpret_cast<std::int32_t*>(scales + p.groups)};
+}
+
+Int8Row int8_row(const LowBitProblem& p, std::size_t m) {
+  // prepare() wrote the workspace; the kernels only read it.
+  const Int8RowBuffers row = int8_row_buffers(p, const_cast<std::uint8_t*>(p.prepared), m);
+  return {row.natural, row.lanes, row.scales, row.sums};
 }
 
 void int8_prepare(LowBitProblem& p, std::uint8_t* workspace) {
@@ -94,11 +100,7 @@ void int8_prepare(LowBitProblem& p, std::uint8_t* workspace) {
   p.prepared_stride = int8_row_stride(p);
   p.prepared = workspace;
   for (std::size_t m = 0; m < p.m; ++m) {
-    std::uint8_t* base = workspace + m * p.prepared_stride;
-    auto* natural = reinterpret_cast<std::int8_t*>(base);
-    auto* lanes = reinterpret_cast<std::int8_t*>(base + padded_k);
-    auto* scales = reinterpret_cast<float*>(base + 2 * padded_k);
-    auto* sums = reinterpret_cast<std::int32_t*>(scales + p.groups);
+    const auto [natural, lanes, scales, sums] = int8_row_buffers(p, workspace, m);
     const float* a = p.a + m * p.k;
     std::memset(natural, 0, padded_k);
     for (std::size_t g = 0; g < p.groups; ++g) {
