@@ -213,7 +213,7 @@ def _element_count(tensor: TensorProto, where: str, source: Path) -> int:
 def _item_bits(data_type: int) -> int | None:
     try:
         return ir.DataType(data_type).bitwidth
-    except Exception:  # unknown enum or no fixed width (STRING)
+    except Exception:  # noqa: BLE001 - unknown enum or no fixed width (STRING)
         return None
 
 
@@ -356,7 +356,7 @@ def read_proto(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, Path, tup
             consumed = proto.ParseFromString(f.read())
     except MemoryError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
         raise InvalidModelError(
             f"{source}: not an ONNX model: protobuf parse failed ({type(e).__name__})"
         ) from None
@@ -400,7 +400,7 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
         model = ir.serde.deserialize_model(proto)
     except MemoryError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any conversion failure is a bad input
         raise InvalidModelError(f"{path}: cannot be converted to IR: {e}") from None
     ir.external_data.set_base_dir(model.graph, resolved.parent)
     logger.debug("loaded %s (%d external data files)", resolved, len(external))

@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         code = ExitCode.RESOURCE
     except SystemExit as e:
         code = int(e.code) if isinstance(e.code, int) else ExitCode.INTERNAL
-    except Exception as e:  # a bug
+    except Exception as e:  # noqa: BLE001 - a bug: reported as an internal error, exit code set
         if _state["debug"]:
             traceback.print_exc()
         _emit_error(

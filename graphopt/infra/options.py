@@ -73,9 +73,9 @@ def _convert(raw: Any, annotation: Any, owner: str, key: str) -> Any:
     if annotation is int:
         try:
             if isinstance(raw, bool):
-                raise ValueError
+                raise TypeError
             return int(str(raw), 0) if not isinstance(raw, int) else raw
-        except ValueError:
+        except (TypeError, ValueError):
             raise UsageError(f"{owner}: option {key}={raw!r} is not an integer") from None
     if annotation is float:
         try:
@@ -94,7 +94,7 @@ class Options:
     _owner: ClassVar[str] = "options"
 
     @classmethod
-    def parse(cls: type[T], values: dict[str, Any], owner: str | None = None) -> T:
+    def parse(cls: type[T], values: dict[str, Any], owner: str | None = None) -> T:  # noqa: PYI019
         """Builds options from raw text values, converting each by its field's type.
 
         Args:

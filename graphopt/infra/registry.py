@@ -198,7 +198,7 @@ def load_entry_points(registry: PassRegistry, *, include_third_party: bool = Tru
         source = "builtin" if is_builtin else f"{ep.name} ({ep.value})"
         try:
             register = ep.load()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any import failure of third-party code
             raise PluginError(f"plugin {source}: cannot be imported: {type(e).__name__}: {e}")
         _check_api_version(ep.module, source)
         _call_register(registry, register, source)

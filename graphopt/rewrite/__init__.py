@@ -142,7 +142,7 @@ def _describe_miss(rule: Rule, tracer: MatchingTracer) -> str | None:
 def _shape_inference(model: ir.Model) -> None:
     try:
         ir_common.ShapeInferencePass()(model)
-    except Exception as e:  # shapes only help checks; a failure must not stop fusion
+    except Exception as e:  # noqa: BLE001 - shapes only help checks; must not stop fusion
         logger.debug("shape inference failed before fusion: %s", e)
 
 

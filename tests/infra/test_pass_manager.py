@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import onnx
 import onnx_ir as ir
@@ -170,7 +170,7 @@ def test_analysis_cached_then_invalidated_by_unpreserved_aspect() -> None:
 def test_pass_manager_invalidates_between_passes() -> None:
     class UsesCount(Pass[Options]):
         info = PassInfo(name="uses-count", summary="")
-        seen: list[int] = []
+        seen: ClassVar[list[int]] = []
 
         def run(self, model: ir.Model, ctx: PassContext, am: AnalysisManager) -> PassResult:
             UsesCount.seen.append(am.get(NodeCount(), model))

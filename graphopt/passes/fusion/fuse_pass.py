@@ -116,7 +116,7 @@ class FusePass(Pass[FuseOptions]):
         if self.options.prepare:
             try:
                 ir_common.ShapeInferencePass()(model)
-            except Exception as e:  # shapes help; their absence must not stop fusion
+            except Exception as e:  # noqa: BLE001 - shapes help; their absence must not stop fusion
                 logger.debug("shape inference failed: %s", e)
             onnxscript.optimizer.fold_constants(model)
             ir_common.RemoveUnusedNodesPass()(model)
