@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             ".venv/bin/python tools/bench_kernels.py",
             f"--reps {args.reps}",
-            *(["--smollm2"] if args.smollm2 else []),
+            *(["--smollm2", f"--decode-rounds {args.decode_rounds}"] if args.smollm2 else []),
         ]
     )
     text = render(
