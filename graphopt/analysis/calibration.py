@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -42,6 +41,7 @@ import onnx_ir as ir
 from graphopt.errors import CalibrationError, InvalidModelError, UsageError
 from graphopt.infra.analysis import Analysis, AnalysisManager, Aspect
 from graphopt.infra.context import PassContext
+from graphopt.infra.progress import LazyProgress
 from graphopt.quant.observers import HistogramObserver, Observer, make_observer
 
 logger = logging.getLogger(__name__)
@@ -216,16 +216,7 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
 
     def run(self, model: ir.Model, am: AnalysisManager, ctx: PassContext) -> ActivationStats:
         graph = model.graph
-        by_name: dict[str, ir.Value] = {}
-        for inp in graph.inputs:
-            if inp.name:
-                by_name[inp.name] = inp
-        for name, init in graph.initializers.items():
-            by_name.setdefault(name, init)
-        for node in graph:
-            for out in node.outputs:
-                if out.name:
-                    by_name[out.name] = out
+        by_name = values_by_name(graph)
         missing = [v for v in self.values if v not in by_name]
         if missing:
             raise UsageError(
@@ -258,7 +249,9 @@ class ActivationStatsAnalysis(Analysis[ActivationStats]):
                 if computed
                 else None
             )
-            progress = LazyProgress(self.progress_after_s, total_feeds(ctx), self.name)
+            progress = LazyProgress(
+                "calibrating", total_feeds(ctx), "samples", self.progress_after_s
+            )
             try:
                 for index, feed in enumerate(feeds):
                     arrays: dict[str, np.ndarray] = {}
@@ -320,6 +313,21 @@ def _value_info(value: ir.Value) -> onnx.ValueInfoProto | None:
     return onnx.helper.make_tensor_value_info(value.name, int(value.dtype), None)
 
 
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of ``graph``: inputs, initializers and node outputs."""
+    by_name: dict[str, ir.Value] = {}
+    for inp in graph.inputs:
+        if inp.name:
+            by_name[inp.name] = inp
+    for name, init in graph.initializers.items():
+        by_name.setdefault(name, init)
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                by_name[out.name] = out
+    return by_name
+
+
 def session_with_outputs(
     model: ir.Model, names: Sequence[str], scratch: Path, threads: int
 ) -> Any:
@@ -365,9 +373,10 @@ def run_feed(
 ) -> dict[str, np.ndarray]:
     """Runs one calibration feed (``index`` for messages) and returns ``names``' arrays.
 
-    :func:`session_with_outputs`, :func:`run_feed`, :func:`total_feeds` and
-    :class:`LazyProgress` are the streaming machinery the other calibration-driven
-    analyses (input Hessians, ``compare --per-layer``, pruning reconstruction) share.
+    :func:`session_with_outputs`, :func:`run_feed`, :func:`total_feeds`,
+    :func:`values_by_name` and :class:`graphopt.infra.progress.LazyProgress` are the
+    streaming machinery the other calibration-driven analyses (input Hessians,
+    ``compare --per-layer``, pruning reconstruction) share.
     """
     wanted = {i.name for i in session.get_inputs()}
     selected = {k: np.asarray(v) for k, v in feed.items() if k in wanted}
@@ -384,54 +393,4 @@ def run_feed(
             f"calibration sample {index}: ONNX Runtime failed to run: {text}"
         ) from None
     return dict(zip(names, results, strict=True))
-
-
-class LazyProgress:
-    """A rich progress bar on stderr that appears only once ``after_s`` have passed."""
-
-    def __init__(self, after_s: float, total: int | None, label: str) -> None:
-        self.after_s = after_s
-        self.total = total
-        self.label = label
-        self.count = 0
-        self.started = time.perf_counter()
-        self._progress: Any = None
-        self._task: Any = None
-
-    def advance(self) -> None:
-        self.count += 1
-        if self._progress is None:
-            if time.perf_counter() - self.started < self.after_s:
-                return
-            self._start()
-        self._progress.update(self._task, completed=self.count)
-
-    def _start(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        console = Console(file=sys.stderr)
-        self._progress = Progress(
-            TextColumn("calibrating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("samples"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=console.is_terminal,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(self.label, total=self.total)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=self.count)
-            self._progress.stop()
-            self._progress = None
 

@@ -36,10 +36,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.analysis.calibration import LazyProgress, run_feed, session_with_outputs, total_feeds
+from graphopt.analysis.calibration import (
+    run_feed,
+    session_with_outputs,
+    total_feeds,
+    values_by_name,
+)
 from graphopt.errors import CalibrationError, UsageError
 from graphopt.infra.analysis import Analysis, AnalysisManager, Aspect
 from graphopt.infra.context import PassContext
+from graphopt.infra.progress import LazyProgress
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +167,7 @@ class InputHessianAnalysis(Analysis[InputHessians]):
         return (type(self).__qualname__, self.values, self.max_samples)
 
     def run(self, model: ir.Model, am: AnalysisManager, ctx: PassContext) -> InputHessians:
-        by_name = _values_by_name(model.graph)
+        by_name = values_by_name(model.graph)
         missing = [v for v in self.values if v not in by_name]
         if missing:
             raise UsageError(
@@ -193,7 +199,7 @@ class InputHessianAnalysis(Analysis[InputHessians]):
                 if computed
                 else None
             )
-            progress = LazyProgress(self.progress_after_s, total, self.name)
+            progress = LazyProgress("calibrating", total, "samples", self.progress_after_s)
             try:
                 for index, feed in enumerate(feeds):
                     if self.max_samples is not None and index >= self.max_samples:
@@ -248,17 +254,3 @@ class InputHessianAnalysis(Analysis[InputHessians]):
                 f"{x2d.shape[1]}, earlier samples had {current.gram.shape[0]}"
             )
         current.add(x2d)
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    by_name: dict[str, ir.Value] = {}
-    for inp in graph.inputs:
-        if inp.name:
-            by_name[inp.name] = inp
-    for name, init in graph.initializers.items():
-        by_name.setdefault(name, init)
-    for node in graph:
-        for out in node.outputs:
-            if out.name:
-                by_name[out.name] = out
-    return by_name

@@ -46,13 +46,14 @@ from graphopt.infra.analysis import AnalysisManager
 from graphopt.infra.context import PassContext
 from graphopt.infra.options import Options
 from graphopt.infra.pass_base import PassInfo
+from graphopt.infra.progress import LazyProgress
 from graphopt.passes.weight_only.base import (
     WeightOnlyOptions,
     WeightOnlyPass,
     WeightSite,
     group_sites,
 )
-from graphopt.passes.weight_only.gptq_pass import LayerProgress, hessian_chunks
+from graphopt.passes.weight_only.gptq_pass import hessian_chunks
 from graphopt.quant.awq import awq_grid, search_awq_scales
 from graphopt.quant.groupwise import GroupQuantized, quantize_rtn
 
@@ -409,7 +410,7 @@ class QuantizeWeightsAwqPass(WeightOnlyPass[AWQOptions]):
         chosen: list[tuple[list[WeightSite], np.ndarray, FoldPlan]] = []
         kinds: dict[str, int] = {}
         gains: list[float] = []
-        with LayerProgress("awq", len(groups)) as progress:
+        with LazyProgress("awq", len(groups), "layers") as progress:
             for hs, acts in hessian_chunks(model, groups, ctx, am, o.samples, o.hessian_mb):
                 for act in acts:
                     group = groups[act]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
@@ -42,6 +41,7 @@ from graphopt.infra.analysis import AnalysisManager
 from graphopt.infra.context import PassContext
 from graphopt.infra.options import Options
 from graphopt.infra.pass_base import PassInfo
+from graphopt.infra.progress import LazyProgress
 from graphopt.passes.weight_only.base import (
     WeightOnlyOptions,
     WeightOnlyPass,
@@ -93,71 +93,6 @@ class GPTQOptions(WeightOnlyOptions):
             raise ValueError(f"samples must be positive, got {self.samples}")
         if self.hessian_mb < 1:
             raise ValueError(f"hessian_mb must be positive, got {self.hessian_mb}")
-
-
-class LayerProgress:
-    """Counts processed layers; a rich bar appears on stderr once ``after_s`` have passed.
-
-    Args:
-        label: Shown before the bar (``gptq``).
-        total: Layers to process.
-        after_s: Seconds before the bar appears (short runs and tests print nothing).
-    """
-
-    def __init__(self, label: str, total: int, after_s: float = 3.0) -> None:
-        self.label = label
-        self.total = total
-        self.after_s = after_s
-        self.count = 0
-        self.started = time.perf_counter()
-        self._progress: Any = None
-        self._task: Any = None
-
-    def advance(self, what: str = "") -> None:
-        """One more layer done; ``what`` names it in the bar."""
-        self.count += 1
-        if self._progress is None:
-            if time.perf_counter() - self.started < self.after_s:
-                return
-            self._start()
-        self._progress.update(self._task, completed=self.count, layer=what[-48:])
-
-    def _start(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        console = Console(file=sys.stderr)
-        self._progress = Progress(
-            TextColumn(self.label),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("layers"),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[layer]}"),
-            console=console,
-            transient=console.is_terminal,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(self.label, total=self.total, layer="")
-
-    def close(self) -> None:
-        """Stops the bar (if shown)."""
-        if self._progress is not None:
-            self._progress.update(self._task, completed=self.count)
-            self._progress.stop()
-            self._progress = None
-
-    def __enter__(self) -> LayerProgress:  # noqa: PYI034 - not meant to be subclassed
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def activation_names(sites: Sequence[WeightSite]) -> list[str]:
@@ -279,7 +214,7 @@ class QuantizeWeightsGptqPass(WeightOnlyPass[GPTQOptions]):
         todo = {name: by_weight[name] for name in calibrated}
         started = time.perf_counter()
         hessian_s = 0.0
-        with LayerProgress("gptq", len(todo)) as progress:
+        with LazyProgress("gptq", len(todo), "layers") as progress:
             t0 = time.perf_counter()
             for hs, names in hessian_chunks(model, todo, ctx, am, o.samples, o.hessian_mb):
                 hessian_s += time.perf_counter() - t0
