@@ -118,16 +118,6 @@ def measure(calib: Path, observer: str, samples: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "calibration_memory.md"),
@@ -156,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("%s", rows[-1])
     import onnxruntime as ort
 
+    from graphopt.testing.machine import cpu_name
+
     lines = [
         "# Calibration memory (MiniLM-L6)",
         "",
-        (f"Written by `tools/bench_calibration_memory.py` on {datetime.date.today()}: {_cpu()}, "
+        (f"Written by `tools/bench_calibration_memory.py` on {datetime.date.today()}: {cpu_name()}, "
          f"{os.cpu_count()} CPUs, ONNX Runtime {ort.__version__}. Each row is a fresh process "
          "calibrating the activation values static `ptq` observes on MiniLM-L6 (the ORT "
          f"policy's plan, {rows[0]['values']} values), one sentence per sample, lengths varying."),

@@ -35,7 +35,6 @@ import importlib
 import logging
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ from onnx import numpy_helper
 
 from graphopt.api import OptimizeConfig, optimize
 from graphopt.testing.backend_models import discover, load_io
+from graphopt.testing.machine import cpu_name
 from graphopt.verify.inputs import make_feeds
 from graphopt.verify.latency import measure_latency, ratio
 
@@ -255,14 +255,7 @@ def _fmt(value: float, spec: str) -> str:
 
 def markdown(rows: list[Row], skipped: dict[str, str], args: argparse.Namespace) -> str:
     """The report: a table and the notes."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     lines = [
         "# Fusion benchmark (`fuse` pass)",
         "",

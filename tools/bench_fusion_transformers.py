@@ -49,6 +49,7 @@ import onnx
 import onnxruntime as ort
 
 import graphopt
+from graphopt.testing.machine import cpu_name
 from graphopt.verify.latency import measure_latency
 from models import minilm
 
@@ -203,16 +204,6 @@ def verdict(ours: float, theirs: float) -> str:
     return f"equal ({r:.2f}x)"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def markdown(
     results: dict[str, list[Variant]], batches: Sequence[int], n_sentences: int, repeats: int
 ) -> str:
@@ -222,7 +213,7 @@ def markdown(
         (
             "Reproduce: `.venv/bin/python tools/bench_fusion_transformers.py` "
             f"(writes this file). Machine: {platform.machine()}, {os.cpu_count()} CPUs "
-            f"({_cpu_name()}); onnxruntime {ort.__version__}."
+            f"({cpu_name()}); onnxruntime {ort.__version__}."
         ),
         "",
         (

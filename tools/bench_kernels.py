@@ -39,7 +39,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.backends.ext import library_path
 from graphopt.backends.ext.format import DOMAIN, OP_TYPE, to_ext
 from graphopt.quant.groupwise import GroupQuantized, pack_codes
+from graphopt.testing.machine import cpu_name
 
 logger = logging.getLogger("bench_kernels")
 
@@ -400,7 +400,7 @@ def render(
     rates = bandwidth
     start_rate = max(rate for name, rate in rates.items() if f"{threads} thread" in name)
     today = datetime.date.today().isoformat()
-    cpu = _cpu_name()
+    cpu = cpu_name()
     lines = [
         "# runtime_ext kernels: low-bit GEMV (`graphopt.MatMulLowBit`)",
         "",
@@ -559,16 +559,6 @@ def smollm2_decode(threads: int, rounds: int, work: Path) -> str:
             f"{value / med['MatMulNBits acc0']:.2f} |"
         )
     return "\n".join(lines + [""])
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

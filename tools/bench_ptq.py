@@ -34,7 +34,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ import onnxruntime as ort
 
 from graphopt.api import OptimizeConfig, optimize
 from graphopt.backends.ort_quant import u8s8_saturates
+from graphopt.testing.machine import cpu_name
 from graphopt.verify.latency import measure_latency
 from models import digits_cnn, minilm, text
 
@@ -422,16 +422,6 @@ def bench_digits(work: Path, budget: float) -> list[str]:
     return lines
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "ptq.md"),
@@ -446,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# int8 PTQ benchmark (`ptq`, static and dynamic)",
         "",
-        (f"Written by `tools/bench_ptq.py` on {datetime.date.today()}: {_cpu()}, {os.cpu_count()} CPUs, "
+        (f"Written by `tools/bench_ptq.py` on {datetime.date.today()}: {cpu_name()}, {os.cpu_count()} CPUs, "
         f"ONNX Runtime {ort.__version__}, `intra_op_num_threads=2`, spinning off, ORT optimizations "
         f"on. ONNX Runtime's u8 x s8 kernel on this CPU: {vnni}."),
         "",
